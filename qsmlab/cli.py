@@ -1,0 +1,70 @@
+"""The ``qsmlab`` command.
+
+Each sub-command lives in ``qsmlab/commands/<name>.py`` and exposes ``HELP`` (one line),
+``DESCRIPTION`` (the ``--help`` text), ``add_arguments(parser)`` and ``run(args) -> int``. Modules keep
+heavy imports inside ``run`` so that ``qsmlab --help`` is instant.
+
+Bad input raises :class:`qsmlab.errors.QSMInputError`; it is printed as one line,
+``qsmlab <command>: error: <message>``, and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qsmlab import __version__
+from qsmlab.errors import QSMInputError
+
+COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "manifest")
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"qsmlab.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"qsmlab.commands.{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qsmlab",
+        description="qsmlab: quantitative susceptibility mapping - classical and deep-learning methods on "
+        "one physics contract (chi and fields in ppm, phase in rad, TE in s, B0 in T).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'qsmlab <command> --help' for the options of one command.",
+    )
+    p.add_argument("--version", action="version", version=f"qsmlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    for name in COMMANDS:
+        mod = _load(name)
+        if mod is None:
+            continue
+        sp = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run, _name=name)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except QSMInputError as e:
+        print(f"qsmlab {args._name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qsmlab {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

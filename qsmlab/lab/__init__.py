@@ -1,0 +1,1 @@
+"""See shared/DESIGN.md section 2 for what belongs here."""
