@@ -1,0 +1,107 @@
+"""Name -> function registries for classical algorithms, used by the CLI and the pipeline.
+
+Every registered function has the signature of its family:
+
+- ``inversion``: ``fn(field, mask, *, voxel_size=(1,1,1), b0_dir=(0,0,1), magnitude=None, **params)
+  -> chi`` (numpy float arrays, ppm in, ppm out, shape (X, Y, Z); COSMOS is the exception and takes
+  lists, see its docstring).
+- ``background``: ``fn(total_field, mask, *, voxel_size=(1,1,1), b0_dir=(0,0,1), **params)
+  -> (local_field, valid_mask)``.
+- ``unwrap``: ``fn(phase, mask=None, *, voxel_size=(1,1,1), magnitude=None, **params) -> unwrapped``.
+
+Parameters are keyword-only with defaults and units in the docstring; :func:`call` checks parameter names
+so that ``--param lamda=1`` fails with a one-line error listing the accepted names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from qsmlab.errors import QSMInputError
+
+REGISTRIES: dict[str, dict[str, Callable]] = {"inversion": {}, "background": {}, "unwrap": {}}
+# Arguments filled by the caller, not by --param.
+_RESERVED = {"field", "total_field", "mask", "voxel_size", "b0_dir", "magnitude", "phase", "fields",
+             "b0_dirs", "masks", "quiet"}
+
+
+def register(family: str, name: str):
+    """Decorator: ``@register("inversion", "tkd")``."""
+
+    def deco(fn: Callable) -> Callable:
+        REGISTRIES[family][name] = fn
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the package modules registers their functions.
+    import qsmlab.recon  # noqa: F401
+
+
+def get(family: str, name: str) -> Callable:
+    """The function registered as ``name``; a one-line error lists the known names otherwise."""
+    _ensure_loaded()
+    reg = REGISTRIES[family]
+    if name not in reg:
+        raise QSMInputError(f"unknown {family} method {name!r}; choose one of: {', '.join(sorted(reg))}")
+    return reg[name]
+
+
+def names(family: str) -> list[str]:
+    _ensure_loaded()
+    return sorted(REGISTRIES[family])
+
+
+def parameters(fn: Callable) -> dict[str, object]:
+    """User-settable keyword parameters of ``fn`` and their defaults."""
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.KEYWORD_ONLY and p.name not in _RESERVED:
+            out[p.name] = p.default
+    return out
+
+
+def check_params(family: str, name: str, params: dict) -> dict:
+    """Validate ``params`` against the method's signature, converting strings to the default's type."""
+    fn = get(family, name)
+    known = parameters(fn)
+    out = {}
+    for k, v in params.items():
+        if k not in known:
+            raise QSMInputError(f"unknown parameter {k!r} for {family} method {name!r}; "
+                                f"accepted: {', '.join(sorted(known)) or '(none)'}")
+        default = known[k]
+        if isinstance(v, str) and default is not inspect.Parameter.empty and default is not None:
+            try:
+                if isinstance(default, bool):
+                    v = v.lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    v = int(v)
+                elif isinstance(default, float):
+                    v = float(v)
+                elif isinstance(default, tuple | list):
+                    v = type(default)(float(x) for x in v.split(","))
+            except ValueError:
+                raise QSMInputError(f"parameter {k}={v!r} for {name!r}: expected {type(default).__name__}") from None
+        out[k] = v
+    return out
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` from ``--param`` into a dict; one-line error for a malformed item."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise QSMInputError(f"--param {it!r}: expected NAME=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def call(family: str, name: str, *args, params: dict | None = None, **kwargs):
+    """Look up, validate ``params`` and call."""
+    fn = get(family, name)
+    return fn(*args, **kwargs, **check_params(family, name, params or {}))
