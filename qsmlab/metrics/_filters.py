@@ -89,7 +89,7 @@ def correlate_torch(vol: torch.Tensor, terms: tuple[Term, ...]) -> torch.Tensor:
             shape[2 + axis] = k.size
             pad = [0, 0, 0]
             pad[axis] = k.size // 2
-            weight = torch.as_tensor(k, dtype=vol.dtype, device=vol.device).reshape(shape)
+            weight = torch.tensor(k.tolist(), dtype=vol.dtype, device=vol.device).reshape(shape)
             acc = F.conv3d(acc, weight, padding=tuple(pad))
         out = out + w * acc
     return out
