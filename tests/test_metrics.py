@@ -371,3 +371,27 @@ def test_torch_shape_and_empty_mask_errors(name, data):
     mk[1] = False
     with pytest.raises(ValueError, match=r"mask is empty .* batch element\(s\) \[1\]"):
         fn(p, r, mk)
+
+
+def test_volume_metrics_epoch_mean_matches_numpy():
+    from qsmlab.metrics import VolumeMetrics, nrmse, psnr
+
+    rng = np.random.default_rng(7)
+    ref = rng.normal(0, 0.05, (3, 1, 12, 12, 12))
+    pred = ref + rng.normal(0, 0.01, ref.shape)
+    mask = np.zeros(ref.shape, bool)
+    mask[..., 2:10, 2:10, 2:10] = True
+    m = VolumeMetrics(["nrmse", "psnr"])
+    m.update(torch.tensor(pred[:2]), torch.tensor(ref[:2]), torch.tensor(mask[:2]))
+    m.update(torch.tensor(pred[2:]), torch.tensor(ref[2:]), torch.tensor(mask[2:]))
+    out = m.compute()
+    exp_nrmse = np.mean([nrmse(pred[i, 0], ref[i, 0], mask[i, 0]) for i in range(3)])
+    exp_psnr = np.mean([psnr(pred[i, 0], ref[i, 0], mask[i, 0]) for i in range(3)])
+    assert float(out["nrmse"]) == pytest.approx(exp_nrmse, rel=1e-9)
+    assert float(out["psnr"]) == pytest.approx(exp_psnr, rel=1e-9)
+    # a perfect volume gives PSNR = inf: excluded from the mean, counted
+    m.update(torch.tensor(ref[:1]), torch.tensor(ref[:1]), torch.tensor(mask[:1]))
+    assert float(m.compute()["psnr"]) == pytest.approx(exp_psnr, rel=1e-9)
+    assert int(m.nonfinite_psnr) == 1
+    with pytest.raises(ValueError, match="unknown metric"):
+        VolumeMetrics(["psnrr"])

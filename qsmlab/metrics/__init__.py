@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from qsmlab.metrics.collection import VolumeMetrics
 from qsmlab.metrics.correlation import corr, corr_torch
 from qsmlab.metrics.hfen import hfen, hfen_torch
 from qsmlab.metrics.nrmse import (
@@ -94,6 +95,7 @@ __all__ = [
     "METRIC_INFO",
     "MetricInfo",
     "NUMPY_METRICS",
+    "VolumeMetrics",
     "TORCH_METRICS",
     "challenge2016_rescale",
     "compute_all",
