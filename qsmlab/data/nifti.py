@@ -25,6 +25,13 @@ from qsmlab.physics.geometry import resolve_b0_dir, voxel_size_from_affine
 NIFTI_EXTS = (".nii", ".nii.gz")
 
 
+def _default_mode() -> int:
+    """Permissions a plain ``open()`` would give (mkstemp makes 0600 files, which others cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @dataclass
 class Volume:
     """A loaded NIfTI: data (float array, voxel order as stored), affine, header and source path."""
@@ -111,6 +118,7 @@ def save_nifti(
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
@@ -127,6 +135,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
