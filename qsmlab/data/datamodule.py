@@ -1,0 +1,216 @@
+"""``QSMDataModule``: manifest -> TorchIO queue of patches for training, full volumes for evaluation.
+
+- train: ``tio.Queue`` over the training scans (augmented by :func:`build_augmentation`), patches drawn
+  by ``tio.UniformSampler`` (``sampler="uniform"``) or ``tio.WeightedSampler(probability_map="mask")``
+  (``sampler="mask"``: patch centres inside the brain), batched into :class:`QSMBatch`.
+- val / test / predict: one full, un-augmented volume per batch (``batch_size=1``), for full-volume
+  metrics (DESIGN.md section 5). Synthetic rows never enter the test set.
+
+Splits: ``train_subjects`` / ``val_subjects`` / ``test_subjects``, or ``folds`` (a file from
+:func:`qsmlab.data.folds.write_folds`, checked against the manifest's hash) plus ``fold`` (index or
+name). With neither, every scan trains, nothing validates or tests, and predict covers all scans.
+
+DDP: the queue shards scans across ranks (:mod:`qsmlab.data.sampling`) and reseeds per rank, so the
+trainer **must** be built with ``use_distributed_sampler=False`` (see
+:func:`qsmlab.data.sampling.trainer_kwargs`); a trainer that would replace the sampler is refused.
+Validation is not sharded: every rank evaluates all validation volumes (identical metrics on every
+rank, no padding duplicates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader
+
+from qsmlab.data.collate import collate_subjects
+from qsmlab.data.folds import get_fold, read_folds
+from qsmlab.data.manifest import ManifestTable, Row, load_manifest
+from qsmlab.data.sampling import EpochSyncedDistributedSampler, reseed_for_rank, world_and_rank
+from qsmlab.data.subjects import subjects_from_rows
+from qsmlab.data.transforms import build_augmentation
+from qsmlab.errors import QSMInputError
+
+SAMPLERS = ("uniform", "mask")
+
+
+class QSMDataModule(L.LightningDataModule):
+    """Patches for training, full volumes for evaluation, from a manifest CSV.
+
+    Args:
+        manifest: manifest CSV path (see :mod:`qsmlab.data.manifest`).
+        patch_size: training patch edge in voxels (int or 3 ints), default 64.
+        samples_per_volume: patches drawn from each loaded (augmented) volume, default 8.
+        queue_length: patches held in the queue (memory: ~ queue_length * patch voxels * images * 4 B).
+        batch_size: patches per training batch, default 2.
+        num_workers: processes that load and augment volumes for the queue (and the eval loaders).
+        sampler: ``"uniform"`` or ``"mask"`` (weighted by the brain mask).
+        train_subjects, val_subjects, test_subjects: subject IDs per split (see module docstring).
+        folds, fold: a folds file and the fold to use (instead of explicit subject lists).
+        augment: mapping for :func:`qsmlab.data.transforms.build_augmentation`, e.g.
+            ``{"flip": {"p": 0.5}, "linearity": {}, "field_noise": {"std_ppm": 0.005}}``.
+        seed: data seed (subject shuffling, patch locations, augmentation), offset per rank; it reseeds
+            the global torch/numpy/random RNGs of each rank when the train loader is built. None leaves a
+            single process's RNGs alone (under DDP each rank is still offset from its current seed).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        patch_size: int | Sequence[int] = 64,
+        samples_per_volume: int = 8,
+        queue_length: int = 64,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        sampler: str = "uniform",
+        train_subjects: list[str] | None = None,
+        val_subjects: list[str] | None = None,
+        test_subjects: list[str] | None = None,
+        folds: str | None = None,
+        fold: int | str | None = None,
+        augment: Mapping | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if sampler not in SAMPLERS:
+            raise QSMInputError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
+        ps = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        if len(ps) != 3 or min(ps) < 1:
+            raise QSMInputError(f"patch_size: expected a positive int or 3 ints, got {patch_size!r}")
+        for name, v in (("samples_per_volume", samples_per_volume), ("queue_length", queue_length),
+                        ("batch_size", batch_size)):
+            if int(v) < 1:
+                raise QSMInputError(f"{name}: expected a positive integer, got {v}")
+        if folds is not None and any(s is not None for s in (train_subjects, val_subjects, test_subjects)):
+            raise QSMInputError("folds: give either a folds file or train/val/test_subjects, not both")
+        if folds is not None and fold is None:
+            raise QSMInputError("fold: required with folds (index or name)")
+        self.manifest = manifest
+        self.patch_size = ps
+        self.samples_per_volume = int(samples_per_volume)
+        self.queue_length = int(queue_length)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.sampler = sampler
+        self.augment = dict(augment) if augment else None
+        self.seed = seed
+        self._splits = (train_subjects, val_subjects, test_subjects)
+        self._folds, self._fold = folds, fold
+        self.table: ManifestTable | None = None
+        self.rows: dict[str, list[Row]] = {}
+
+    # -- splits ---------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        self.table = load_manifest(self.manifest)
+        if self._folds is not None:
+            f = get_fold(read_folds(self._folds, self.table), self._fold)
+            train, val, test = f.train, f.val, f.test
+        else:
+            train, val, test = self._splits
+            known = set(self.table.subjects)
+            for name, ids in zip(("train_subjects", "val_subjects", "test_subjects"), self._splits):
+                bad = [s for s in (ids or []) if s not in known]
+                if bad:
+                    raise QSMInputError(f"{name}: subjects {bad[:3]} not in manifest {self.manifest}")
+            if train is None:
+                held = set(val or []) | set(test or [])
+                train = [s for s in self.table.subjects if s not in held]
+        self.rows = {
+            "train": self.table.select(train),
+            "val": self.table.select(val or []),
+            "test": [r for r in self.table.select(test or []) if not r.synthetic],
+            "predict": self.table.select(test) if test else list(self.table.rows),
+        }
+
+    # -- loaders --------------------------------------------------------------------------------------
+    def _patch_sampler(self) -> tio.data.PatchSampler:
+        if self.sampler == "mask":
+            return tio.WeightedSampler(self.patch_size, probability_map="mask")
+        return tio.UniformSampler(self.patch_size)
+
+    def _check_trainer(self, world: int) -> None:
+        t = self.trainer
+        connector = getattr(t, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise QSMInputError("Trainer(use_distributed_sampler=True) would replace the queue's subject "
+                                "sampler; QSMDataModule requires Trainer(use_distributed_sampler=False)")
+
+    def _check_patch_fits(self, rows: list[Row]) -> None:
+        import nibabel as nib
+
+        for r in rows:
+            shape = nib.load(str(r.field)).shape[:3]
+            if any(p > s for p, s in zip(self.patch_size, shape)):
+                raise QSMInputError(f"patch_size {self.patch_size} exceeds the grid {shape} of row {r.index} "
+                                    f"(subject {r.subject}) in {self.manifest}")
+
+    def train_queue(self) -> tio.Queue:
+        """The training ``tio.Queue`` for this rank (shard of scans, rank-specific seed)."""
+        if self.table is None:
+            self.setup("fit")
+        rows = self.rows["train"]
+        if not rows:
+            raise QSMInputError(f"{self.manifest}: no training scans in this split")
+        self._check_patch_fits(rows)
+        world, rank = world_and_rank(self.trainer)
+        self._check_trainer(world)
+        if len(rows) < world:
+            raise QSMInputError(f"{self.manifest}: {len(rows)} training scans cannot be sharded over "
+                                f"{world} ranks; need at least one scan per rank")
+        if self.seed is not None:
+            reseed_for_rank(self.seed, rank)
+        elif world > 1:  # no data seed: still give each rank its own stream (they would crop alike)
+            reseed_for_rank(torch.initial_seed() % (2**31 - 1), rank)
+        # copy=False: SubjectsDataset already hands the transform a fresh deep copy of each subject
+        augment = build_augmentation(self.augment, copy=False)
+        dataset = tio.SubjectsDataset(subjects_from_rows(rows), transform=augment)
+        subject_sampler = EpochSyncedDistributedSampler(
+            dataset, num_replicas=world, rank=rank, seed=int(self.seed or 0), epoch_fn=self._epoch)
+        return tio.Queue(
+            dataset, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
+            sampler=self._patch_sampler(), subject_sampler=subject_sampler, num_workers=self.num_workers,
+            shuffle_subjects=False, shuffle_patches=True, start_background=False,
+        )
+
+    def _epoch(self) -> int:
+        t = self.trainer
+        return int(t.current_epoch) if t is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        # Patches are popped from the queue in the main process: the outer loader must have 0 workers.
+        return DataLoader(self.train_queue(), batch_size=self.batch_size, num_workers=0,
+                          collate_fn=collate_subjects)
+
+    def _volume_loader(self, split: str) -> DataLoader | list:
+        if self.table is None:
+            self.setup(split)
+        rows = self.rows[split]
+        if not rows:
+            return []
+        ds = tio.SubjectsDataset(subjects_from_rows(rows))
+        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_subjects)
+
+    def val_dataloader(self):
+        return self._volume_loader("val")
+
+    def test_dataloader(self):
+        return self._volume_loader("test")
+
+    def predict_dataloader(self):
+        return self._volume_loader("predict")
+
+    # -- summary --------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Scans per split and the manifest hash (for logs and experiment records)."""
+        if self.table is None:
+            self.setup()
+        out = {k: len(v) for k, v in self.rows.items()}
+        out["manifest_sha256"] = self.table.hash
+        return out
