@@ -54,8 +54,8 @@ def bench(n: int, repeats: int) -> list[dict]:
         with torch.inference_mode():
             t_bare = median_time(bare, repeats)
             t_bare_pad = median_time(lambda: bare(ps), max(1, repeats // 2))
-            t_per = median_time(lambda: per.A(arr), repeats)
-            t_pad = median_time(lambda: pad.A(arr), max(1, repeats // 2))
+            t_per = median_time(lambda a=arr: per.A(a), repeats)
+            t_pad = median_time(lambda a=arr: pad.A(a), max(1, repeats // 2))
         rows.append(dict(n=n, backend=backend, bare=t_bare, periodic=t_per, ratio_per=t_per / t_bare,
                          padded=t_pad, padded_grid=ps[0], ratio_pad=t_pad / t_bare,
                          ratio_pad_same_grid=t_pad / t_bare_pad))

@@ -48,7 +48,7 @@ def test_table(maps, capsys):
         assert k in out
 
 
-def _write(path, arr, aff=np.eye(4)):
+def _write(path, arr, aff):
     nib.save(nib.Nifti1Image(arr, aff), path)
     return path
 

@@ -163,7 +163,7 @@ class DipoleOperator:
         out = scipy.fft.irfftn(spec, s=s, axes=axes, workers=-1)
         return np.ascontiguousarray(out[..., : n[0], : n[1], : n[2]])
 
-    def _apply_torch(self, x: "torch.Tensor") -> "torch.Tensor":
+    def _apply_torch(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 3:
             raise ValueError(f"expected a tensor (..., X, Y, Z), got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
