@@ -108,3 +108,28 @@ def test_bad_configuration_errors(manifest):
     with pytest.raises(QSMInputError, match="test_subjects"):
         QSMDataModule(str(manifest), test_subjects=["nobody"]).setup()
     assert math.isclose(phase_scale(0.004, 3.0), 2 * math.pi * 42.5775 * 3 * 0.004)
+
+
+def test_cached_volumes_give_the_same_patches_and_stay_unmodified(manifest):
+    kw = dict(patch_size=8, samples_per_volume=2, queue_length=8, batch_size=1, seed=3,
+              augment={"linearity": {}, "flip": {}})
+    plain = [b for b in QSMDataModule(str(manifest), **kw).train_dataloader()]
+    dm = QSMDataModule(str(manifest), cache_volumes=True, **kw)
+    queue = dm.train_queue()
+    cached_before = {s["subject"]: s["field"].data.clone() for s in queue.subjects_dataset._subjects}
+    cached = [b for b in QSMDataModule(str(manifest), cache_volumes=True, **kw).train_dataloader()]
+    assert len(plain) == len(cached)
+    for a, b in zip(plain, cached):
+        assert a.subject == b.subject and torch.equal(a.location, b.location)
+        torch.testing.assert_close(a.field, b.field)
+    list(DataLoaderProbe(queue))  # a full pass with augmentation must not alter the cached volumes
+    for s in queue.subjects_dataset._subjects:
+        assert torch.equal(s["field"].data, cached_before[s["subject"]])
+
+
+def DataLoaderProbe(queue):  # noqa: N802  (reads as a constructor)
+    from torch.utils.data import DataLoader
+
+    from qsmlab.data.collate import collate_subjects
+
+    return DataLoader(queue, batch_size=2, collate_fn=collate_subjects)
