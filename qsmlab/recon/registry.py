@@ -74,7 +74,9 @@ def check_params(family: str, name: str, params: dict) -> dict:
             raise QSMInputError(f"unknown parameter {k!r} for {family} method {name!r}; "
                                 f"accepted: {', '.join(sorted(known)) or '(none)'}")
         default = known[k]
-        if isinstance(v, str) and default is not inspect.Parameter.empty and default is not None:
+        if isinstance(v, str) and default is None:
+            v = _parse_untyped(v)
+        elif isinstance(v, str) and default is not inspect.Parameter.empty:
             try:
                 if isinstance(default, bool):
                     v = v.lower() in ("1", "true", "yes", "on")
@@ -88,6 +90,18 @@ def check_params(family: str, name: str, params: dict) -> dict:
                 raise QSMInputError(f"parameter {k}={v!r} for {name!r}: expected {type(default).__name__}") from None
         out[k] = v
     return out
+
+
+def _parse_untyped(v: str):
+    """A value for a parameter whose default is None: ``none`` -> None, else int, float or the string."""
+    if v.lower() in ("none", "null", ""):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def parse_params(items: list[str] | None) -> dict[str, str]:
