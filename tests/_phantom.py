@@ -18,7 +18,10 @@ def _ellipsoid(shape, centre, radii):
     return r <= 1.0
 
 
-def head_phantom(n: int = 64, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), seed: int = 0) -> dict:
+def head_phantom(n: int = 64, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), seed: int = 0,
+                 csf_mm: float = 0.0) -> dict:
+    """``csf_mm`` > 0 tapers chi linearly to 0 over that distance from the brain edge (after a one-voxel
+    rim of 0), like the CSF (the chi reference) around a real brain; 0 keeps a sharp tissue edge."""
     rng = np.random.default_rng(seed)
     shape = (n, n, n)
     c = np.array(shape) / 2.0
@@ -37,6 +40,9 @@ def head_phantom(n: int = 64, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0)
     chi[vein] = 0.35
     chi[_ellipsoid(shape, c + np.array([0.15, -0.2, -0.05]) * n, (0.03 * n,) * 3)] = -0.2
     chi = ndimage.gaussian_filter(chi, 0.7) * brain
+    if csf_mm > 0:
+        d = ndimage.distance_transform_edt(brain, sampling=voxel_size)
+        chi *= np.clip((d - min(voxel_size)) / csf_mm, 0.0, 1.0)
     mask = brain.copy()
     mag = np.where(brain, 0.8 - 2.0 * np.abs(chi), 0.0)
     mag = ndimage.gaussian_filter(mag, 0.5) * brain + 0.05 * (~brain) * _ellipsoid(shape, c, (0.45 * n, 0.47 * n, 0.43 * n))

@@ -10,21 +10,25 @@ the brain; that ringing is not harmonic (the SMV high-pass of the sharp phantom'
 mask is ~1e-3 ppm, comparable to the high-passed local field) and no background method could remove
 it. Smoothing brings it to ~1e-5 ppm; physical sources are not voxel-sharp anyway.
 
+The brain has a 4 mm CSF-like rim where chi tapers to 0 (``head_phantom(csf_mm=4)``), as a real brain
+is surrounded by CSF, the chi reference. With a sharp 0.02 ppm tissue edge at the mask boundary instead,
+the local field there is nearly harmonic and every method loses it (measured then: LBV 24 %, SHARP 18 %,
+V-SHARP 24 % with the CG solver, 54 % with the single-kernel TSVD).
+
 NRMSE = 100 ||(est - mean) - (true - mean)|| / ||true - mean|| over the valid mask (demeaned, since
-SHARP-type methods lose the constant). Measured at 64^3 (1 mm, B0 along k), bounds ~10-15 % above:
+SHARP-type methods lose the constant). Measured at 64^3 (1 mm, B0 along k); bounds ~15 % above:
 
-    method   NRMSE valid  NRMSE deep (eroded 12 mm)  pure-background rms / local rms
-    sharp        18.0          5.5                       0.002
-    vsharp       53.9          9.1                       0.023
-    resharp      36.7          8.9                       0.002
-    pdf          55.6          7.1                       0.257
-    lbv          24.3          4.0                       0.055
+    method   NRMSE valid  NRMSE deep (eroded 12 mm)  pure-background rms / local rms  valid/mask
+    sharp         4.8          2.1                       0.002                        0.50
+    vsharp        6.4          1.0                       0.058                        0.90
+    resharp      28.9          7.1                       0.002                        0.60
+    pdf          42.0          4.5                       0.273                        1.00
+    lbv           6.4          0.9                       0.058                        0.90
 
-The 15 % target holds in the deep interior for every method but not over the whole valid mask: this
-phantom's local field is dominated by the smooth field of the large WM ellipsoid, which near the mask
-boundary is nearly harmonic and therefore indistinguishable from a background field (LBV on the
-*local field alone* already gives 21 %, PDF 51 %, V-SHARP 53 %; errors concentrate within 3 mm of the
-boundary).
+The issue's target (<= 15 % on the valid mask) holds for SHARP, V-SHARP and LBV, not for PDF: PDF's
+least-squares fit with outside dipoles also absorbs the low-order harmonic content of the local field
+over the whole brain (LBV only removes what the boundary values imply), so its error is spread
+through the brain rather than at the edge. RESHARP's Tikhonov term shrinks the low frequencies.
 """
 
 import numpy as np
@@ -38,15 +42,16 @@ from qsmlab.recon import registry
 from qsmlab.recon.background._spherical import SphericalMean, sphere_offsets
 from qsmlab.recon.background.lbv import lbv
 from qsmlab.recon.background.pdf import pdf
-from qsmlab.recon.background.resharp import monitored_cg
 from qsmlab.recon.background.sharp import sharp, vsharp
+from qsmlab.recon.iterate import monitored_cg
 
 METHODS = ["sharp", "vsharp", "resharp", "pdf", "lbv"]
 # iteration caps keep the file fast; PDF and RESHARP have converged to these NRMSEs by then
 PARAMS = {"sharp": {}, "vsharp": {}, "resharp": {"max_iter": 50}, "pdf": {"max_iter": 30}, "lbv": {"tol": 1e-5}}
-BOUND = {"sharp": 22.0, "vsharp": 60.0, "resharp": 42.0, "pdf": 62.0, "lbv": 28.0}
-BOUND_DEEP = {"sharp": 8.0, "vsharp": 12.0, "resharp": 12.0, "pdf": 10.0, "lbv": 6.0}
-BOUND_PURE_BG = {"sharp": 0.01, "vsharp": 0.05, "resharp": 0.01, "pdf": 0.35, "lbv": 0.1}
+BOUND = {"sharp": 6.0, "vsharp": 8.0, "resharp": 33.0, "pdf": 48.0, "lbv": 8.0}
+BOUND_DEEP = {"sharp": 3.0, "vsharp": 2.0, "resharp": 9.0, "pdf": 6.0, "lbv": 2.0}
+BOUND_PURE_BG = {"sharp": 0.01, "vsharp": 0.08, "resharp": 0.01, "pdf": 0.35, "lbv": 0.08}
+TARGET = 15.0  # the issue's acceptance line, for the methods that meet it
 
 
 def nrmse(est, true, m):
@@ -56,7 +61,7 @@ def nrmse(est, true, m):
 
 
 def _fields(n, vs):
-    p = head_phantom(n, voxel_size=vs)
+    p = head_phantom(n, voxel_size=vs, csf_mm=4.0)
     m = p["mask"]
     op = DipoleOperator(vs, (0.0, 0.0, 1.0))
     local = op.A(p["chi"]) * m
@@ -106,6 +111,8 @@ def test_removes_background(name, head64):
     deep = nrmse(local, ph["local"], valid & ph["deep"])
     assert raw > 1500  # the background really dominates
     assert err <= BOUND[name], f"{name}: NRMSE {err:.1f} %"
+    if name in ("sharp", "vsharp", "lbv"):
+        assert err <= TARGET
     assert deep <= BOUND_DEEP[name], f"{name}: deep NRMSE {deep:.1f} %"
 
 
@@ -177,10 +184,11 @@ def test_lbv_removes_discrete_harmonic_field_exactly():
 
 
 # -- anisotropic voxels --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,bound,bound_deep", [("vsharp", 55.0, 12.0), ("lbv", 40.0, 12.0),
-                                                   ("pdf", 55.0, 12.0)])
+@pytest.mark.parametrize("name,bound,bound_deep", [("vsharp", 20.0, 4.0), ("lbv", 24.0, 6.0),
+                                                   ("pdf", 50.0, 8.0)])
 def test_anisotropic_voxels(name, bound, bound_deep):
-    # 48^3 at 1 x 1 x 2 mm; measured NRMSE (valid / deep): vsharp 47.6 / 7.8, lbv 35.2 / 8.7, pdf 48.8 / 8.2
+    # 48^3 at 1 x 1 x 2 mm; measured NRMSE (valid / deep): vsharp 17.0 / 2.5, lbv 20.1 / 4.5, pdf 43.2 / 6.4
+    # (V-SHARP drops radii below the 2 mm voxel: a 1 mm "ball" is a disc and leaks the background)
     ph = _fields(48, (1.0, 1.0, 2.0))
     local, valid = _run(name, ph["total"], ph)
     assert nrmse(ph["total"], ph["local"], valid) > 1500
@@ -261,3 +269,15 @@ def test_bad_radius():
         sharp(f, m, voxel_size=(2.0, 2.0, 2.0), radius_mm=1.0)
     with pytest.raises(QSMInputError, match="threshold"):
         vsharp(f, m, threshold=0.0)
+
+
+def test_vsharp_cg_beats_single_kernel_deconvolution(head64):
+    """The least-squares V-SHARP fixes the (r/R)^2 under-scaling of the single-kernel TSVD near the edge."""
+    ph = head64
+    cg_local, valid = vsharp(ph["total"], ph["mask"], quiet=True)
+    tsvd_local, valid2 = vsharp(ph["total"], ph["mask"], solver="tsvd")
+    assert np.array_equal(valid, valid2)
+    err_cg, err_tsvd = nrmse(cg_local, ph["local"], valid), nrmse(tsvd_local, ph["local"], valid)
+    assert err_cg < 0.3 * err_tsvd, (err_cg, err_tsvd)  # measured 6.4 vs 38.3
+    with pytest.raises(QSMInputError, match="solver"):
+        vsharp(ph["total"], ph["mask"], solver="magic")

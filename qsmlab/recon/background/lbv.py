@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from qsmlab.errors import QSMInputError
 from qsmlab.recon.background._spherical import check_inputs
-from qsmlab.recon.background.resharp import monitored_cg
+from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
 
 

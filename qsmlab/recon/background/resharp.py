@@ -16,40 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator, cg
 
 from qsmlab.errors import QSMInputError
 from qsmlab.recon.background._spherical import SphericalMean, check_inputs, demean
-from qsmlab.recon.iterate import IterationMonitor
+from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
-
-
-def monitored_cg(apply, rhs: np.ndarray, *, max_iter: int, tol: float, desc: str, quiet: bool,
-                 x0: np.ndarray | None = None, precond=None) -> tuple[np.ndarray, int]:
-    """Solve ``apply(x) = rhs`` (symmetric positive definite, on flat float64 arrays) with scipy's CG.
-
-    ``precond`` (optional) applies an SPD approximation of the inverse (preconditioned CG).
-    Stops when ``||residual|| <= tol * ||rhs||`` or after ``max_iter`` iterations; a tqdm bar
-    (:class:`IterationMonitor`) ticks per iteration and shows the relative update. Returns (x, iterations).
-    """
-    n = rhs.size
-    op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
-    mon = IterationMonitor(max_iter, tol, desc, quiet)
-    steps = iter(mon)
-    next(steps)
-    prev = [np.zeros(n) if x0 is None else x0.copy()]
-    count = [0]
-
-    def tick(xk):
-        mon.converged(xk, prev[0])  # updates the bar's postfix; CG's own residual test decides the stop
-        prev[0] = xk.copy()
-        count[0] += 1
-        next(steps, None)
-
-    pre = None if precond is None else LinearOperator((n, n), matvec=precond, dtype=np.float64)
-    x, _ = cg(op, rhs, x0=x0, rtol=tol, atol=0.0, maxiter=max_iter, M=pre, callback=tick)
-    steps.close()
-    return x, count[0]
 
 
 @register("background", "resharp")
