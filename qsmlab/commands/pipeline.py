@@ -91,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
     ref = ph_vols[0]
     for v in mag_vols:
         check_same_grid(ref, v)
+    if mag.shape[3] == 1 and phase.shape[3] > 1:
+        # one echo-combined magnitude (common in shared data sets): the same weight for every echo
+        mag = np.repeat(mag, phase.shape[3], axis=3)
     if mag.shape[3] != phase.shape[3]:
-        raise QSMInputError(f"--magnitude: {mag.shape[3]} echoes but --phase has {phase.shape[3]}")
+        raise QSMInputError(f"--magnitude: {mag.shape[3]} echoes but --phase has {phase.shape[3]} "
+                            "(give one magnitude per echo, or a single echo-combined magnitude)")
     for i, v in enumerate(ph_vols):
         sl = phase[..., i] if len(ph_vols) > 1 else phase
         check_phase_radians(sl, name=f"--phase {v.path}")
