@@ -23,14 +23,18 @@ import torch
 from qsmlab.physics import DipoleOperator, padded_shape, tilted_b0_dir
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: kernel cache, FFT plans
-    ts = []
+def median_times(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in interleaved rounds so that load drifts on a shared
+    machine hit all of them alike (ratios are then far steadier than from separate runs)."""
+    for fn in fns:
+        fn()  # warm-up: kernel cache, FFT plans
+    ts = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def bench(n: int, repeats: int) -> list[dict]:
@@ -52,10 +56,8 @@ def bench(n: int, repeats: int) -> list[dict]:
                 torch.fft.irfftn(torch.fft.rfftn(xt, s=s), s=s)
             arr = xt
         with torch.inference_mode():
-            t_bare = median_time(bare, repeats)
-            t_bare_pad = median_time(lambda: bare(ps), max(1, repeats // 2))
-            t_per = median_time(lambda a=arr: per.A(a), repeats)
-            t_pad = median_time(lambda a=arr: pad.A(a), max(1, repeats // 2))
+            t_bare, t_per = median_times([bare, lambda a=arr: per.A(a)], repeats)
+            t_bare_pad, t_pad = median_times([lambda: bare(ps), lambda a=arr: pad.A(a)], max(1, repeats // 2))
         rows.append(dict(n=n, backend=backend, bare=t_bare, periodic=t_per, ratio_per=t_per / t_bare,
                          padded=t_pad, padded_grid=ps[0], ratio_pad=t_pad / t_bare,
                          ratio_pad_same_grid=t_pad / t_bare_pad))
