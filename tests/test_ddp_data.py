@@ -95,3 +95,26 @@ def test_trainer_that_replaces_the_sampler_is_refused(tmp_path):
     dm.trainer.world_size = 3
     with pytest.raises(QSMInputError, match="cannot be sharded over 3 ranks"):
         dm.train_dataloader()
+
+
+def test_subject_shard_sampler_keeps_subjects_together_and_balances():
+    from qsmlab.data.sampling import SubjectShardSampler
+
+    # 5 subjects with 1-3 scans each (orientations/sessions)
+    groups = ["a", "a", "a", "b", "c", "c", "d", "e", "e"]
+    epochs = []
+    for epoch in range(4):
+        shards = []
+        for rank in range(2):
+            s = SubjectShardSampler(groups, num_replicas=2, rank=rank, seed=7, epoch_fn=lambda e=epoch: e)
+            idx = list(iter(s))
+            assert len(idx) == len(s)
+            shards.append(idx)
+        assert len(shards[0]) == len(shards[1]) > 0  # equal batch counts on every rank
+        subj = [{groups[i] for i in sh} for sh in shards]
+        assert not subj[0] & subj[1]  # no subject on two ranks
+        assert not set(shards[0]) & set(shards[1])
+        epochs.append(tuple(sorted(subj[0])))
+    assert len(set(epochs)) > 1  # the split changes across epochs
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        SubjectShardSampler(["a", "a"], num_replicas=2, rank=0)

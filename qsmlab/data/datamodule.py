@@ -10,7 +10,7 @@ Splits: ``train_subjects`` / ``val_subjects`` / ``test_subjects``, or ``folds`` 
 :func:`qsmlab.data.folds.write_folds`, checked against the manifest's hash) plus ``fold`` (index or
 name). With neither, every scan trains, nothing validates or tests, and predict covers all scans.
 
-DDP: the queue shards scans across ranks (:mod:`qsmlab.data.sampling`) and reseeds per rank, so the
+DDP: the queue shards subjects (all their scans together) across ranks (:mod:`qsmlab.data.sampling`) and reseeds per rank, so the
 trainer **must** be built with ``use_distributed_sampler=False`` (see
 :func:`qsmlab.data.sampling.trainer_kwargs`); a trainer that would replace the sampler is refused.
 Validation is not sharded: every rank evaluates all validation volumes (identical metrics on every
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from qsmlab.data.collate import collate_subjects
 from qsmlab.data.folds import get_fold, read_folds
 from qsmlab.data.manifest import ManifestTable, Row, load_manifest
-from qsmlab.data.sampling import EpochSyncedDistributedSampler, reseed_for_rank, world_and_rank
+from qsmlab.data.sampling import SubjectShardSampler, reseed_for_rank, world_and_rank
 from qsmlab.data.subjects import subjects_from_rows
 from qsmlab.data.transforms import build_augmentation
 from qsmlab.errors import QSMInputError
@@ -165,9 +165,9 @@ class QSMDataModule(L.LightningDataModule):
         self._check_patch_fits(rows)
         world, rank = world_and_rank(self.trainer)
         self._check_trainer(world)
-        if len(rows) < world:
-            raise QSMInputError(f"{self.manifest}: {len(rows)} training scans cannot be sharded over "
-                                f"{world} ranks; need at least one scan per rank")
+        if len({r.subject for r in rows}) < world:
+            raise QSMInputError(f"{self.manifest}: {len({r.subject for r in rows})} training subjects cannot be "
+                                f"sharded over {world} ranks; need at least one subject per rank")
         if self.seed is not None:
             reseed_for_rank(self.seed, rank)
         elif world > 1:  # no data seed: still give each rank its own stream (they would crop alike)
@@ -176,8 +176,9 @@ class QSMDataModule(L.LightningDataModule):
         augment = build_augmentation(self.augment, copy=False)
         subjects = subjects_from_rows(rows)
         dataset = tio.SubjectsDataset(subjects, transform=augment)
-        subject_sampler = EpochSyncedDistributedSampler(
-            dataset, num_replicas=world, rank=rank, seed=int(self.seed or 0), epoch_fn=self._epoch)
+        subject_sampler = SubjectShardSampler(
+            [r.subject for r in rows], num_replicas=world, rank=rank, seed=int(self.seed or 0),
+            epoch_fn=self._epoch)
         if self.cache_volumes:
             # Only this rank's shard is loaded; SubjectsDataset deep-copies a subject before augmenting
             # it, so the cached tensors are never modified.

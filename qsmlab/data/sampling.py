@@ -1,13 +1,15 @@
 """DDP-correct subject sampling for the TorchIO queue.
 
-Under DDP every rank builds its own ``tio.Queue``. Sharding must be by *subject* (scan), not by patch
-(DESIGN.md section 5): each rank loads and augments only its share of the volumes, so no two ranks train
-on patches of the same scan in one epoch. The queue's ``subject_sampler`` is a
-``DistributedSampler`` over the subjects dataset:
+Under DDP every rank builds its own ``tio.Queue``. Sharding must be by *subject*, not by patch
+(DESIGN.md section 5): each rank loads and augments only its share of the volumes, and every scan of a
+subject (orientations, sessions) goes to the same rank, so no two ranks train on the same head in one
+epoch. The queue's ``subject_sampler`` is a :class:`SubjectShardSampler` over the scans dataset
+(TorchIO calls the scans "subjects"):
 
-- ``drop_last=True``: every rank gets the same number of scans, hence the same number of patches and
-  batches (unequal counts would hang DDP's gradient all-reduce); no scan is duplicated across ranks.
-  The few dropped scans change every epoch because the permutation is reshuffled.
+- subjects are shuffled per epoch and dealt greedily to the rank with the fewest scans so far; each
+  rank then keeps the same number of scans (the minimum over ranks), because unequal counts would
+  give unequal batch counts and hang DDP's gradient all-reduce. The few scans dropped change every
+  epoch with the shuffle. No scan and no subject is on two ranks.
 - the epoch is read from the trainer each time the queue starts a new pass over its subjects: Lightning
   calls ``set_epoch`` only on samplers of the loaders it builds, never on a queue's inner sampler.
 - the patch sampler and the augmentations draw from the global torch RNG of the rank (and of the queue's
@@ -21,12 +23,11 @@ Lightning must not replace the sampler: build the trainer with ``Trainer(**train
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Sampler
 
 
 def trainer_kwargs() -> dict:
@@ -43,23 +44,58 @@ def world_and_rank(trainer=None) -> tuple[int, int]:
     return 1, 0
 
 
-class EpochSyncedDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that sets its epoch from ``epoch_fn()`` whenever it is iterated.
+class SubjectShardSampler(Sampler[int]):
+    """Shards scan indices across ranks by subject group (see the module docstring).
 
-    The queue iterates its subject sampler at the start of each pass over the subjects (and to count
-    patches in ``len(queue)``), so the shuffle follows the trainer's epoch with no callback to forget.
+    Args:
+        groups: subject ID of each scan (``groups[i]`` for dataset index ``i``).
+        num_replicas, rank: world size and this rank.
+        seed: shuffle seed, the same on every rank (the assignment must agree across ranks).
+        epoch_fn: returns the trainer's current epoch; read at every ``__iter__``.
+        shuffle: shuffle subjects (and this rank's scans) per epoch.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int,
+    def __init__(self, groups: Sequence[str], num_replicas: int, rank: int, seed: int = 0,
                  epoch_fn: Callable[[], int] | None = None, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=True)
-        self.epoch_fn = epoch_fn
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.groups = list(groups)
+        self.num_replicas, self.rank, self.seed = int(num_replicas), int(rank), int(seed)
+        self.epoch_fn, self.shuffle, self.epoch = epoch_fn, shuffle, 0
+        self._subjects = sorted(set(self.groups))
+        if len(self._subjects) < self.num_replicas:
+            raise ValueError(f"{len(self._subjects)} subjects cannot be sharded over {num_replicas} ranks")
 
-    def __iter__(self):
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shards(self) -> list[list[int]]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self._subjects), generator=g).tolist() if self.shuffle else range(len(self._subjects))
+        members: dict[str, list[int]] = {}
+        for i, s in enumerate(self.groups):
+            members.setdefault(s, []).append(i)
+        shards: list[list[int]] = [[] for _ in range(self.num_replicas)]
+        for j in order:
+            target = min(range(self.num_replicas), key=lambda r: (len(shards[r]), r))
+            shards[target].extend(members[self._subjects[j]])
+        n = min(len(sh) for sh in shards)
+        out = []
+        for sh in shards:
+            if self.shuffle:
+                perm = torch.randperm(len(sh), generator=g).tolist()
+                sh = [sh[p] for p in perm]
+            out.append(sh[:n])
+        return out
+
+    def __iter__(self) -> Iterator[int]:
         if self.epoch_fn is not None:
             self.set_epoch(int(self.epoch_fn()))
-        return super().__iter__()
+        return iter(self._shards()[self.rank])
+
+    def __len__(self) -> int:
+        return len(self._shards()[self.rank])
 
 
 def reseed_for_rank(seed: int, rank: int, epoch: int = 0) -> int:
