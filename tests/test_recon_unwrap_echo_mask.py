@@ -288,3 +288,23 @@ def test_brain_mask_errors():
         brain_mask(np.zeros((8, 8, 8)))
     with pytest.raises(QSMInputError, match="threshold"):
         brain_mask(np.ones((8, 8, 8)), threshold=2.0)
+
+
+def test_cycle_slip_correction_snaps_isolated_jumps_only():
+    from qsmlab.recon.echo_fit import correct_cycle_slips, cycle_ppm
+
+    cycle = cycle_ppm([0.004, 0.008, 0.012], 3.0)
+    assert cycle == pytest.approx(1 / (42.5775 * 3.0 * 0.004))
+    g = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    mask = g[0] ** 2 + g[1] ** 2 + g[2] ** 2 < 0.8
+    truth = 0.6 * g[0] + 0.4 * g[1] ** 2 - 0.3 * g[2]  # smooth, steep enough to matter (ppm)
+    slipped = truth.copy()
+    rng = np.random.default_rng(0)
+    idx = np.argwhere(mask)[rng.choice(mask.sum(), 12, replace=False)]
+    for n, (i, j, k) in zip([1, -1, 2, 1, -1, 1, 1, -2, 1, -1, 1, 1], idx):
+        slipped[i, j, k] += n * cycle
+    fixed, n = correct_cycle_slips(slipped, mask, cycle)
+    assert n == 12
+    np.testing.assert_allclose(fixed[mask], truth[mask], atol=1e-12)
+    same, n0 = correct_cycle_slips(truth, mask, cycle)  # a clean field is left alone
+    assert n0 == 0 and np.array_equal(same, truth)

@@ -28,7 +28,7 @@ from qsmlab import __version__
 from qsmlab.errors import QSMInputError
 from qsmlab.physics.geometry import normalize_b0_dir
 from qsmlab.recon import registry
-from qsmlab.recon.echo_fit import combine_magnitude, fit_field
+from qsmlab.recon.echo_fit import combine_magnitude, correct_cycle_slips, cycle_ppm, fit_field
 from qsmlab.recon.masking import brain_mask
 from qsmlab.recon.unwrap import unwrap_echoes
 
@@ -176,13 +176,16 @@ def run_pipeline(
 
         bar.set_postfix_str("echo fit")
         fit = fit_field(unwrapped, te, b0_tesla, magnitude, brain)
+        cycle = cycle_ppm(te, b0_tesla, temporal_reference)
+        total, n_slips = correct_cycle_slips(fit.field, brain, cycle)
         steps.append({"step": "echo_fit", "method": "weighted linear least squares over TE with intercept",
-                      "params": {"weights": "magnitude^2"}})
+                      "params": {"weights": "magnitude^2"},
+                      "cycle_slip_correction": {"cycle_ppm": cycle, "voxels_corrected": n_slips}})
         bar.update()
 
         bar.set_postfix_str(f"background ({bfr})")
         extra = {"quiet": quiet} if _takes_quiet(bfr_fn) else {}
-        local, valid = bfr_fn(fit.field, brain, voxel_size=tuple(vs), b0_dir=tuple(b0_dir), **extra, **bfr_user)
+        local, valid = bfr_fn(total, brain, voxel_size=tuple(vs), b0_dir=tuple(b0_dir), **extra, **bfr_user)
         valid = np.asarray(valid, bool)
         if not valid.any():
             raise QSMInputError(f"background method {bfr!r} left no valid voxel; use a larger mask or smaller radius")
@@ -205,7 +208,7 @@ def run_pipeline(
         "shape": list(phase.shape[:3]), "n_echoes": int(te.size),
         "units": {"phase": "rad", "te": "s", "b0": "T", "field": "ppm", "chi": "ppm"},
     })
-    return {"total_field": fit.field, "mask": brain, "local_field": local * valid, "valid_mask": valid,
+    return {"total_field": total, "mask": brain, "local_field": local * valid, "valid_mask": valid,
             "chi": chi, "phase_offset": fit.phase_offset, "fit_residual": fit.residual,
             "magnitude": mag_comb, "provenance": provenance}
 
