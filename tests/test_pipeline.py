@@ -287,3 +287,16 @@ def test_cli_pipeline_bad_inputs(echo_files, axial, tmp_path, capsys):
     err = _bad(["--phase", *ph, "--magnitude", *mg[:3], *out], capsys)
     assert "--magnitude" in err and "echoes" in err
     assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_cli_mask_params(echo_files, tmp_path, capsys):
+    phases, mags = echo_files["phase"], echo_files["mag"]
+    base = ["pipeline", "--phase", *map(str, phases), "--magnitude", *map(str, mags), "--quiet"]
+    assert main(base + ["--mask-param", "separate_mm=0", "erode_mm=2", "-o", str(tmp_path / "a")]) == 0
+    prov = json.loads((tmp_path / "a" / "qsmlab.json").read_text())
+    mask_step = prov["steps"][0]
+    assert mask_step["params"]["separate_mm"] == 0 and mask_step["params"]["erode_mm"] == 2
+    assert main(base + ["--mask-param", "sepparate_mm=3", "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--mask-param" in err and "separate_mm" in err
+    assert not (tmp_path / "b").exists()

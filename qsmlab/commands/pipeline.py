@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parameters of the background method, e.g. radius_mm=4")
     p.add_argument("--inv-param", nargs="+", action="extend", default=[], metavar="K=V",
                    help="parameters of the inversion, e.g. lam=0.05")
+    p.add_argument("--mask-param", nargs="+", action="extend", default=[], metavar="K=V",
+                   help="parameters of the automatic brain mask (no --mask): threshold=otsu|FRACTION, "
+                        "opening, closing, separate_mm, erode_mm, erode_vox")
     p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="B0 direction in voxel axes (default: sidecar B0_dir, else the affine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -85,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise QSMInputError(f"{popt}: {e}") from None
         chosen[fam] = p
     un_p, bfr_p, inv_p = chosen["unwrap"], chosen["background"], chosen["inversion"]
+    mask_p = _mask_params(params(args.mask_param, "--mask-param"))
+    if mask_p and args.mask:
+        raise QSMInputError("--mask-param: only used for the automatic mask; drop it or drop --mask")
 
     ph_vols, phase = _load_echoes(args.phase, "--phase")
     mag_vols, mag = _load_echoes(args.magnitude, "--magnitude")
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     b0_dir_src = "--b0-dir" if args.b0_dir is not None else "sidecar B0_dir or affine"
     res = run_pipeline(phase, mag, te, b0, mask=mask, voxel_size=ref.voxel_size, b0_dir=b0_dir,
                        unwrap=args.unwrap, unwrap_params=un_p, bfr=args.bfr, bfr_params=bfr_p,
-                       inversion=args.inversion, inv_params=inv_p, quiet=args.quiet)
+                       inversion=args.inversion, inv_params=inv_p, mask_params=mask_p, quiet=args.quiet)
     prov = dict(res["provenance"])
     prov["inputs"] = {"phase": [str(v.path) for v in ph_vols], "magnitude": [str(v.path) for v in mag_vols],
                       "mask": args.mask, "te_source": te_src, "b0_source": b0_src, "b0_dir_source": b0_dir_src}
@@ -127,6 +133,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- helpers (heavy imports stay inside: ``qsmlab --help`` must not load numpy/nibabel) ---------------
+
+
+def _mask_params(raw: dict) -> dict:
+    """``--mask-param`` values checked against and converted to :func:`brain_mask`'s keyword defaults."""
+    import inspect
+
+    from qsmlab.errors import QSMInputError
+    from qsmlab.recon.masking import brain_mask
+
+    known = {p.name: p.default for p in inspect.signature(brain_mask).parameters.values()
+             if p.kind == p.KEYWORD_ONLY and p.name != "voxel_size"}
+    out = {}
+    for k, v in raw.items():
+        if k not in known:
+            raise QSMInputError(f"--mask-param: unknown parameter {k!r}; accepted: {', '.join(sorted(known))}")
+        d = known[k]
+        try:
+            if k == "threshold":
+                out[k] = v if v == "otsu" else float(v)
+            elif isinstance(d, bool):
+                out[k] = v.lower() in ("1", "true", "yes", "on")
+            elif isinstance(d, int):
+                out[k] = int(v)
+            else:
+                out[k] = float(v)
+        except ValueError:
+            raise QSMInputError(f"--mask-param {k}={v!r}: expected a number") from None
+    return out
 
 
 def _load_echoes(paths: list[str], opt: str):
