@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-# BLAS is only used here for the solvers' vector dot products; multi-threaded BLAS on tiny work items
+# numpy's BLAS (OpenBLAS) is only used for vector dot products; multi-threaded BLAS on tiny work items
 # oversubscribes a loaded machine (scipy's cg/lsqr ran 20x slower per iteration on a shared 2-core box).
-# The FFTs use scipy.fft's own workers (workers=-1). Set the variables yourself to override.
-for _v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+# OMP_NUM_THREADS and MKL_NUM_THREADS are left alone: the iterative solvers run their voxel-wise work and
+# FFTs on torch's OpenMP/MKL threads (one per core by default), as the reference FFT pair uses every core
+# (scipy.fft workers=-1). Set the variables yourself to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import scipy.fft  # noqa: E402
@@ -66,14 +67,30 @@ def fft_pair(shape, dtype):
     return pair
 
 
+def _pair_time(pair) -> float:
+    """One timing of the FFT pair, after a short pause: torch's OpenMP threads spin-wait for a few ms
+    after the method's last op and would steal a core from scipy's FFT workers (measured +7 ms per pair
+    at 160^3 on 2 cores), inflating the reference."""
+    time.sleep(0.03)
+    return _median_time(pair, 1)
+
+
 def interleaved(fn, pair, repeats: int) -> tuple[float, float]:
     """Median seconds of ``fn`` and of the FFT pair, timed alternately so that both see the same load
     (on a shared machine the pair time drifts by 2x within a minute)."""
     tf, tp = [], []
     for _ in range(repeats):
-        tp.append(_median_time(pair, 1))
+        tp.append(_pair_time(pair))
         tf.append(_median_time(fn, 1))
     return statistics.median(tf), statistics.median(tp)
+
+
+def _torch_threads() -> int | str:
+    try:
+        import torch
+    except ImportError:
+        return "n/a"
+    return torch.get_num_threads()
 
 
 def _pairs_per_iter(name: str, fn) -> float | None:
@@ -127,7 +144,7 @@ def main(argv=None) -> int:
     print(f"grid {args.n}^3 {args.dtype}, FFT grid {grid}, FFT pair (rfftn+irfftn, workers=-1) "
           f"{t_pair * 1e3:.1f} ms (median at start; ratios use pairs timed next to each method), "
           f"{os.cpu_count()} CPUs, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, torch threads {_torch_threads()}")
     print(f"{'method':8s} {'kind':11s} {'seconds':>9s} {'unit':>10s} {'FFT pairs':>9s} {'pair ms':>8s} "
           f"{'ratio':>6s}")
 
@@ -156,10 +173,10 @@ def main(argv=None) -> int:
         fn = registry.get("inversion", name)
         per_iter, tps = [], []
         for _ in range(args.iter_repeats):
-            tps.append(_median_time(pair, 1))
+            tps.append(_pair_time(pair))
             t1, n1, p1 = _run_iterative(name, fn, field, mask, mag, k1)
             t2, n2, p2 = _run_iterative(name, fn, field, mask, mag, k2)
-            tps.append(_median_time(pair, 1))
+            tps.append(_pair_time(pair))
             if n2 <= n1:
                 break
             per_iter.append((t2 - t1) / (n2 - n1))

@@ -233,3 +233,41 @@ def test_bad_input_is_one_line_error(sim):
         cg_tikhonov(f, m, lam=0, lam_grad=0)
     with pytest.raises(QSMInputError, match="b0_dirs"):
         cosmos([f, f], m, b0_dirs=[(0, 0, 1)])
+
+
+def test_hand_written_cg_and_lsqr_follow_scipy():
+    """The torch CG and LSQR loops of ``qsmlab.recon.inversion.lsqr`` reproduce scipy's iterates, stopping
+    tests and iteration counts (they replace scipy's for speed, not for different maths)."""
+    import scipy.sparse.linalg as spla
+    import torch
+
+    from qsmlab.recon.inversion.lsqr import conjugate_gradient, lsqr_solve
+
+    rng = np.random.default_rng(3)
+    K = rng.normal(size=(60, 40))
+    b = rng.normal(size=60)
+    N = K.T @ K + 0.1 * np.eye(40)
+    ref_ticks, new_ticks = [], []
+    for rtol, maxiter in ((1e-6, 200), (1e-2, 200), (1e-12, 7)):
+        ref_ticks.clear()
+        new_ticks.clear()
+        ref, _ = spla.cg(N, K.T @ b, rtol=rtol, atol=0.0, maxiter=maxiter, callback=ref_ticks.append)
+        x = conjugate_gradient(lambda p: torch.from_numpy(N @ p.numpy()),
+                               torch.from_numpy(K.T @ b), rtol=rtol, maxiter=maxiter,
+                               callback=lambda: new_ticks.append(1))
+        assert len(new_ticks) == len(ref_ticks)
+        np.testing.assert_allclose(x.numpy(), ref, rtol=1e-6, atol=1e-8)
+
+    def forward(v, u, c):
+        u.mul_(c).add_(torch.from_numpy(K @ v.numpy()))
+
+    def adjoint(u, v, c, scale):
+        v.mul_(c).add_(torch.from_numpy(K.T @ u.numpy()), alpha=scale)
+
+    for damp, tol, iter_lim in ((0.0, 1e-8, 100), (0.5, 1e-8, 100), (0.0, 1e-2, 100), (0.1, 0.0, 9)):
+        ref = spla.lsqr(K, b, damp=damp, atol=tol, btol=tol, iter_lim=iter_lim)
+        new_ticks.clear()
+        x = lsqr_solve(forward, adjoint, torch.from_numpy(b), (40,), damp=damp, atol=tol, btol=tol,
+                       iter_lim=iter_lim, callback=lambda: new_ticks.append(1))
+        assert len(new_ticks) == ref[2]
+        np.testing.assert_allclose(x.numpy(), ref[0], rtol=1e-6, atol=1e-8)

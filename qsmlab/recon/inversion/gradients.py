@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from qsmlab.physics.kernel import kspace_coords
 
@@ -87,3 +88,42 @@ def grad_symbol_sq(shape: Sequence[int], voxel_size: Sequence[float] = (1.0, 1.0
     e2 = sum((2.0 - 2.0 * np.cos(2 * np.pi * f[i])) / float(voxel_size[i]) ** 2 for i in range(3))
     nz = int(shape[2]) // 2 + 1 if rfft else int(shape[2])
     return np.broadcast_to(e2, (int(shape[0]), int(shape[1]), nz)).astype(dtype)
+
+
+# -- torch versions for solver loops --------------------------------------------------------------------
+# Same operators on torch CPU tensors (typically ``torch.from_numpy`` views of the solver's numpy buffers,
+# no copy): torch runs large elementwise ops on all intra-op threads, numpy on one, and the voxel-wise
+# passes, not the FFTs, dominate an iteration in float32.
+
+def grad_t(x: torch.Tensor, voxel_size: Sequence[float], out: torch.Tensor,
+           add: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`grad` into ``out`` (3, X, Y, Z); with ``add``, returns ``grad(x) + add`` (fused)."""
+    for i in range(3):
+        o = out[i]
+        torch.sub(x[_sl(i, slice(1, None))], x[_sl(i, slice(None, -1))], out=o[_sl(i, slice(None, -1))])
+        torch.sub(x[_sl(i, slice(0, 1))], x[_sl(i, slice(-1, None))], out=o[_sl(i, slice(-1, None))])
+        if float(voxel_size[i]) != 1.0:
+            o.mul_(1.0 / float(voxel_size[i]))
+        if add is not None:
+            o.add_(add[i])
+    return out
+
+
+def grad_adjoint_t(g: torch.Tensor, voxel_size: Sequence[float], out: torch.Tensor,
+                   accumulate: bool = False) -> torch.Tensor:
+    """:func:`grad_adjoint` of ``g`` (3, X, Y, Z) into ``out`` (X, Y, Z), without scratch; with
+    ``accumulate``, adds it to ``out``."""
+    for i in range(3):
+        gi = g[i]
+        w = 1.0 / float(voxel_size[i])
+        if i == 0 and not accumulate:
+            torch.sub(gi[_sl(i, slice(None, -1))], gi[_sl(i, slice(1, None))], out=out[_sl(i, slice(1, None))])
+            torch.sub(gi[_sl(i, slice(-1, None))], gi[_sl(i, slice(0, 1))], out=out[_sl(i, slice(0, 1))])
+            if w != 1.0:
+                out.mul_(w)
+        else:
+            # out[n] += w * (g[n - e_i] - g[n]), periodic
+            out.sub_(gi, alpha=w)
+            out[_sl(i, slice(1, None))].add_(gi[_sl(i, slice(None, -1))], alpha=w)
+            out[_sl(i, slice(0, 1))].add_(gi[_sl(i, slice(-1, None))], alpha=w)
+    return out

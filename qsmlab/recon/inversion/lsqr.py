@@ -12,32 +12,35 @@ field implies (its sources are inside the mask). Without it, chi outside the mas
 part of the field inside as a harmonic (background-like) contribution, which on the test phantom doubles
 the error (NRMSE ~44 % vs ~21 % at 48^3).
 
-- ``lsqr``: Paige & Saunders' LSQR (``scipy.sparse.linalg.lsqr``) on the stacked system
-  ``[W A; sqrt(lam_grad) G] chi = [W field; 0]`` with ``damp = sqrt(lam)``. Stopping after a few tens of
-  iterations is itself a regulariser (semi-convergence); this is the first stage of iLSQR (Li et al.,
-  "A method for estimating and removing streaking artifacts in quantitative susceptibility mapping",
-  NeuroImage 2015), without its streaking-artefact estimation steps.
-- ``cg``: conjugate gradients (``scipy.sparse.linalg.cg``) on the normal equations
-  ``(A W^2 A + lam I + lam_grad G^T G) chi = A W^2 field`` (``A`` is self-adjoint). ``G^T G`` is the
-  periodic Laplacian on the FFT grid, applied in k-space together with ``A`` (same result as
+- ``lsqr``: Paige & Saunders' LSQR (``scipy.sparse.linalg.lsqr``'s iteration, :func:`lsqr_solve`) on
+  the stacked system ``[W A; sqrt(lam_grad) G] chi = [W field; 0]`` with ``damp = sqrt(lam)``. Stopping
+  after a few tens of iterations is itself a regulariser (semi-convergence); this is the first stage of
+  iLSQR (Li et al., "A method for estimating and removing streaking artifacts in quantitative
+  susceptibility mapping", NeuroImage 2015), without its streaking-artefact estimation steps.
+- ``cg``: conjugate gradients (``scipy.sparse.linalg.cg``'s iteration, :func:`conjugate_gradient`) on
+  the normal equations ``(A W^2 A + lam I + lam_grad G^T G) chi = A W^2 field`` (``A`` is self-adjoint).
+  ``G^T G`` is the periodic Laplacian on the FFT grid, applied in k-space together with ``A`` (same result as
   ``grad_adjoint(grad(.))`` without padding), so the regulariser costs no extra FFT.
 
-Each iteration applies ``A`` and ``A^T``: two rfftn + irfftn pairs (``FFT_PAIRS_PER_ITER``).
+Each iteration applies ``A`` and ``A^T``: two rfftn + irfftn pairs (``FFT_PAIRS_PER_ITER``). The two loops
+are scipy's, rewritten on preallocated torch tensors so that FFTs and vector updates run in place on
+torch's threads (see :class:`qsmlab.recon.inversion.tv.RealFFT`); they work in float32 for float32 input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from math import sqrt
 
 import numpy as np
-import scipy.fft
-from scipy.sparse.linalg import LinearOperator, cg, lsqr
+import torch
 from tqdm.auto import tqdm
 
 from qsmlab.errors import QSMInputError
 from qsmlab.physics import DipoleOperator
-from qsmlab.recon.inversion.gradients import grad, grad_adjoint, grad_symbol_sq
+from qsmlab.recon.inversion.gradients import _sl, grad_adjoint_t, grad_symbol_sq
 from qsmlab.recon.inversion.tkd import check_inputs
+from qsmlab.recon.inversion.tv import RealFFT, complex_filter
 from qsmlab.recon.registry import register
 
 FFT_PAIRS_PER_ITER = 2
@@ -57,6 +60,159 @@ def data_weight(mask: np.ndarray, magnitude: np.ndarray | None, use_magnitude: b
             raise QSMInputError("magnitude: zero everywhere inside the mask; cannot weight by it")
         w *= np.abs(mag) / peak
     return w
+
+
+def _tensor_dtype(field: np.ndarray) -> np.dtype:
+    """Working precision: float32 for float32 input (output precision; halves memory traffic and FFT
+    cost), else float64."""
+    return np.dtype(np.float32) if field.dtype == np.float32 else np.dtype(np.float64)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.view(-1), b.view(-1)))
+
+
+def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *, rtol: float,
+                       maxiter: int, callback: Callable[[], None] | None = None) -> torch.Tensor:
+    """``scipy.sparse.linalg.cg`` (x0 = 0, atol = 0, no preconditioner) on torch tensors, in place.
+
+    Same iterates, stopping test (``||r|| < rtol ||b||``, checked before each iteration) and iteration
+    count as scipy's. Hand-written because scipy allocates fresh vectors and makes a single-threaded numpy
+    pass per vector update; here the updates run in place on torch's threads and ``||r||^2`` is the
+    ``rho = r.r`` that CG needs anyway. ``apply(p)`` returns ``A p`` (a new tensor).
+    """
+    x = torch.zeros_like(b)
+    bnrm = _dot(b, b) ** 0.5
+    if bnrm == 0:
+        return x
+    r, p = b.clone(), torch.empty_like(b)
+    rho_prev = 0.0
+    for it in range(maxiter):
+        rho = _dot(r, r)
+        if rho**0.5 < rtol * bnrm:
+            break
+        if it == 0:
+            p.copy_(r)
+        else:
+            torch.add(r, p, alpha=rho / rho_prev, out=p)
+        q = apply(p)
+        alpha = rho / _dot(p, q)
+        x.add_(p, alpha=alpha)
+        r.sub_(q, alpha=alpha)
+        rho_prev = rho
+        if callback is not None:
+            callback()
+    return x
+
+
+def _norm2(u: torch.Tensor) -> float:
+    return _dot(u, u)
+
+
+def _sym_ortho(a: float, b: float) -> tuple[float, float, float]:
+    """Stable Givens rotation (c, s, r) with ``[c s; -s c] [a; b] = [r; 0]`` (as scipy's LSQR)."""
+    if b == 0:
+        return float(np.sign(a)), 0.0, abs(a)
+    if a == 0:
+        return 0.0, float(np.sign(b)), abs(b)
+    if abs(b) > abs(a):
+        tau = a / b
+        sn = float(np.sign(b)) / sqrt(1 + tau * tau)
+        return sn * tau, sn, b / sn
+    tau = b / a
+    c = float(np.sign(a)) / sqrt(1 + tau * tau)
+    return c, c * tau, a / c
+
+
+def lsqr_solve(forward: Callable[[torch.Tensor, torch.Tensor, float], None],
+               adjoint: Callable[[torch.Tensor, torch.Tensor, float, float], None], b: torch.Tensor,
+               x_shape: tuple[int, ...], *, damp: float, atol: float, btol: float, iter_lim: int,
+               conlim: float = 1e8, norm2: Callable[[torch.Tensor], float] | None = None,
+               callback: Callable[[], None] | None = None) -> torch.Tensor:
+    """``scipy.sparse.linalg.lsqr`` (x0 = 0) on torch tensors, in place (Paige & Saunders 1982).
+
+    Same recurrences, norm estimates and stopping tests (istop 1-7) as scipy's, line for line; the vector
+    updates run in place on torch's threads instead of allocating fresh numpy vectors (single-threaded)
+    several times per iteration, and u is normalised lazily (the unit vector is ``su * u``), which saves a
+    pass over the longest vector. ``forward(v, u, c)`` sets ``u <- K v + c u``, ``adjoint(u, v, c, s)``
+    sets ``v <- K^T (s u) + c v``; ``norm2(u)`` is u's squared norm (default ``u.u``).
+    """
+    if norm2 is None:
+        norm2 = _norm2
+    eps = np.finfo(np.float64).eps
+    ctol = 1.0 / conlim if conlim > 0 else 0.0
+    anorm = acond = ddnorm = res2 = xnorm = xxnorm = z = 0.0
+    cs2, sn2, dampsq = -1.0, 0.0, damp**2
+    x = torch.zeros(x_shape, dtype=b.dtype)
+    v = torch.zeros_like(x)
+    u = b.clone()
+    bnorm = beta = norm2(u) ** 0.5
+    alfa = 0.0
+    su = 1.0 / beta if beta > 0 else 0.0
+    if beta > 0:
+        adjoint(u, v, 0.0, su)
+        alfa = _dot(v, v) ** 0.5
+    if alfa > 0:
+        v.mul_(1.0 / alfa)
+    w = v.clone()
+    rhobar, phibar = alfa, beta
+    if alfa * beta == 0:
+        return x
+    itn = 0
+    while itn < iter_lim:
+        itn += 1
+        # Bidiagonalisation: beta u = K v - alfa u, alfa v = K^T u - beta v.
+        forward(v, u, -alfa * su)
+        beta = norm2(u) ** 0.5
+        if beta > 0:
+            su = 1.0 / beta
+            anorm = sqrt(anorm**2 + alfa**2 + beta**2 + dampsq)
+            adjoint(u, v, -beta, su)
+            alfa = _dot(v, v) ** 0.5
+            if alfa > 0:
+                v.mul_(1.0 / alfa)
+        if damp > 0:  # eliminate the damping parameter
+            rhobar1 = sqrt(rhobar**2 + dampsq)
+            cs1, sn1 = rhobar / rhobar1, damp / rhobar1
+            psi = sn1 * phibar
+            phibar = cs1 * phibar
+        else:
+            rhobar1, psi = rhobar, 0.0
+        cs, sn, rho = _sym_ortho(rhobar1, beta)
+        theta = sn * alfa
+        rhobar = -cs * alfa
+        phi = cs * phibar
+        phibar = sn * phibar
+        tau = sn * phi
+        t1, t2 = phi / rho, -theta / rho
+        ddnorm += _dot(w, w) / rho**2  # ||w / rho||^2
+        x.add_(w, alpha=t1)
+        torch.add(v, w, alpha=t2, out=w)
+        # Norm estimates and stopping tests.
+        delta = sn2 * rho
+        gambar = -cs2 * rho
+        rhs = phi - delta * z
+        zbar = rhs / gambar
+        xnorm = sqrt(xxnorm + zbar**2)
+        gamma = sqrt(gambar**2 + theta**2)
+        cs2, sn2 = gambar / gamma, theta / gamma
+        z = rhs / gamma
+        xxnorm += z**2
+        acond = anorm * sqrt(ddnorm)
+        res2 += psi**2
+        rnorm = sqrt(phibar**2 + res2)
+        arnorm = alfa * abs(tau)
+        test1 = rnorm / bnorm
+        test2 = arnorm / (anorm * rnorm + eps)
+        test3 = 1.0 / (acond + eps)
+        t1 = test1 / (1 + anorm * xnorm / bnorm)
+        rtol = btol + atol * anorm * xnorm / bnorm
+        if callback is not None:
+            callback()
+        if (itn >= iter_lim or 1 + test3 <= 1 or 1 + test2 <= 1 or 1 + t1 <= 1 or test3 <= ctol
+                or test2 <= atol or test1 <= rtol):
+            break
+    return x
 
 
 def _check(lam: float, lam_grad: float, max_iter: int, tol: float) -> None:
@@ -105,41 +261,57 @@ def lsqr_inversion(
     """
     _check(lam, lam_grad, max_iter, tol)
     field, mask = check_inputs(field, mask)
-    w = data_weight(mask, magnitude, use_magnitude)
+    dt = _tensor_dtype(field)
+    w = torch.from_numpy(data_weight(mask, magnitude, use_magnitude).astype(dt))
     op = DipoleOperator(voxel_size, b0_dir, pad_factor)
     vs = op.voxel_size[0]
-    shape, n = field.shape, field.size
+    shape = field.shape
     sg = float(np.sqrt(lam_grad))
-    rows = n * (4 if lam_grad > 0 else 1)
-    bar = tqdm(total=max_iter, desc="lsqr", disable=quiet, leave=False, dynamic_ncols=True)
+    # The gradient block of u is stored divided by sg (see forward); its K^T part sg^2 grad^T(.) is
+    # grad_adjoint_t with voxel sizes h_i / sg^2 (it weighs component i by 1 / h_i).
+    vs_sg2 = [float(h) / lam_grad for h in vs] if sg > 0 else None
+    s_mask = torch.from_numpy((mask if support else np.ones_like(mask)).astype(dt))
 
-    s_mask = mask if support else np.ones_like(mask)
+    # A on the input grid, zero padded to the FFT grid (a copy back only when padding).
+    grid = op.fft_shape(shape)
+    fft = RealFFT(grid)
+    D = complex_filter(op.kernel(shape, dtype=dt))
+    crop = tuple(slice(0, k) for k in shape)
 
-    def matvec(x):
-        x = x.reshape(shape) * s_mask
-        y = np.empty(rows)  # filled block by block: no concatenation copy of the 4N vector
-        np.multiply(w, op.A(x), out=y[:n].reshape(shape))
-        if lam_grad > 0:
-            g = grad(x, vs, out=y[n:].reshape((3,) + shape))
-            g *= sg
-        return y
+    def dipole(x: torch.Tensor) -> torch.Tensor:
+        y = fft.inverse(torch.fft.rfftn(x, s=grid).mul_(D))
+        return y if tuple(grid) == tuple(shape) else y[crop].contiguous()
 
-    def rmatvec(y):
-        bar.update(1)  # LSQR calls A^T once per iteration
-        out = op.A_adjoint(w * y[:n].reshape(shape))
-        if lam_grad > 0:
-            out += sg * grad_adjoint(y[n:].reshape((3,) + shape), vs)
-        out *= s_mask
-        return out.ravel()
+    # The stacked system K = [W A M; sg G M] acts on u = (data part, gradient part / sg): one (1 or 4, X,
+    # Y, Z) tensor, so u's norm is sqrt(|u[0]|^2 + sg^2 |u[1:]|^2). Storing the gradient block over sg lets
+    # forward() update it in place with two passes per component and no scratch volume. v (and so M v = v)
+    # stays in the support: it is always an output of K^T, which ends with M.
+    def forward(v: torch.Tensor, u: torch.Tensor, c: float) -> None:
+        u[0].mul_(c).addcmul_(dipole(v), w)
+        for i in range(3 if sg > 0 else 0):
+            # u_i <- c u_i + (v[n + e_i] - v[n]) / h_i, periodic
+            o, h = u[1 + i], float(vs[i])
+            for dst, src in ((slice(None, -1), slice(1, None)), (slice(-1, None), slice(0, 1))):
+                torch.add(v[_sl(i, src)], o[_sl(i, dst)], alpha=c * h, out=o[_sl(i, dst)])
+            o.sub_(v)
+            if h != 1.0:
+                o.mul_(1.0 / h)
 
-    K = LinearOperator((rows, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
-    b = np.zeros(rows)
-    b[:n] = (w * field).ravel()
-    try:
-        x = lsqr(K, b, damp=float(np.sqrt(lam)), atol=tol, btol=tol, iter_lim=max_iter)[0]
-    finally:
-        bar.close()
-    return (x.reshape(shape) * mask).astype(field.dtype, copy=False)
+    def adjoint(u: torch.Tensor, v: torch.Tensor, c: float, scale: float) -> None:
+        tmp = dipole(u[0] * w)
+        if sg > 0:
+            grad_adjoint_t(u[1:], vs_sg2, out=tmp, accumulate=True)
+        v.mul_(c).addcmul_(tmp, s_mask, value=scale)
+
+    def norm2(u: torch.Tensor) -> float:
+        return _dot(u[0], u[0]) + (lam_grad * _dot(u[1:], u[1:]) if sg > 0 else 0.0)
+
+    b = torch.zeros((4 if sg > 0 else 1,) + shape, dtype=w.dtype)
+    torch.mul(torch.from_numpy(field.astype(dt)), w, out=b[0])
+    with tqdm(total=max_iter, desc="lsqr", disable=quiet, leave=False, dynamic_ncols=True) as bar:
+        x = lsqr_solve(forward, adjoint, b, shape, damp=float(np.sqrt(lam)), atol=tol, btol=tol,
+                       iter_lim=max_iter, norm2=norm2, callback=lambda: bar.update(1))
+    return (x.numpy() * mask).astype(field.dtype, copy=False)
 
 
 @register("inversion", "cg")
@@ -184,29 +356,35 @@ def cg_tikhonov(
         raise QSMInputError("cg: lam and lam_grad are both 0; the normal equations are singular "
                             "(set one > 0, or use lsqr with early stopping)")
     field, mask = check_inputs(field, mask)
-    w2 = data_weight(mask, magnitude, use_magnitude) ** 2
+    w = data_weight(mask, magnitude, use_magnitude)
     op = DipoleOperator(voxel_size, b0_dir, pad_factor)
-    shape, n = field.shape, field.size
-    s = op.fft_shape(shape)
-    crop = tuple(slice(0, k) for k in shape)
-    D = op.kernel(shape)
+    dt = _tensor_dtype(field)
+    # Everything lives on the padded FFT grid with zeros in the padding: multiplying by the padded w^2 and
+    # support equals the crop / zero-pad of the reference operator, and avoids copies.
+    s = op.fft_shape(field.shape)
+    crop = tuple(slice(0, k) for k in field.shape)
+
+    def padded(v: np.ndarray) -> torch.Tensor:
+        out = np.zeros(s, dt)
+        out[crop] = v
+        return torch.from_numpy(out)
+
+    w2 = padded(w**2)
+    s_mask = padded(mask if support else np.ones_like(mask))
+    fft = RealFFT(s)
+    D = complex_filter(op.kernel(field.shape, dtype=dt))
     # lam I + lam_grad G^T G is diagonal in k-space (periodic differences on the FFT grid), so it
     # shares the first forward FFT with A and the normal operator costs exactly two FFT pairs.
-    reg = lam + lam_grad * grad_symbol_sq(s, op.voxel_size[0], rfft=True)
-    s_mask = mask if support else np.ones_like(mask)
+    reg = complex_filter(lam + lam_grad * grad_symbol_sq(s, op.voxel_size[0], rfft=True, dtype=dt))
 
-    def normal(x):
-        X = scipy.fft.rfftn(x.reshape(shape) * s_mask, s=s, workers=-1)
-        u = scipy.fft.irfftn(X * D, s=s, workers=-1)[crop]
-        u *= w2
-        V = scipy.fft.rfftn(u, s=s, workers=-1)
-        V *= D
-        X *= reg
-        V += X
-        return (scipy.fft.irfftn(V, s=s, workers=-1)[crop] * s_mask).ravel()
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        # x = M x already: CG's vectors are combinations of rhs and normal(.) outputs, both masked.
+        X = fft.forward(x)
+        V = fft.forward(fft.inverse(X * D).mul_(w2))
+        V.mul_(D).addcmul_(X, reg)
+        return fft.inverse(V).mul_(s_mask)
 
-    N = LinearOperator((n, n), matvec=normal, rmatvec=normal, dtype=np.float64)
-    rhs = (op.A_adjoint(w2 * field) * s_mask).ravel()
+    rhs = padded(op.A_adjoint(w**2 * field)).mul_(s_mask)
     with tqdm(total=max_iter, desc="cg", disable=quiet, leave=False, dynamic_ncols=True) as bar:
-        x, _ = cg(N, rhs, rtol=tol, atol=0.0, maxiter=max_iter, callback=lambda xk: bar.update(1))
-    return (x.reshape(shape) * mask).astype(field.dtype, copy=False)
+        x = conjugate_gradient(normal, rhs, rtol=tol, maxiter=max_iter, callback=lambda: bar.update(1))
+    return (x.numpy()[crop] * mask).astype(field.dtype, copy=False)

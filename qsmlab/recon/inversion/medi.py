@@ -24,13 +24,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse.linalg as spla
+import torch
 
 from qsmlab.errors import QSMInputError
-from qsmlab.recon.inversion.gradients import grad, grad_adjoint
+from qsmlab.recon.inversion.gradients import grad, grad_adjoint_t, grad_t
+from qsmlab.recon.inversion.lsqr import conjugate_gradient
 from qsmlab.recon.inversion.nltv import DEFAULT_PHASE_SCALE
-from qsmlab.recon.inversion.tv import DTYPE, Problem, check_iterations, check_positive, prepare
-from qsmlab.recon.iterate import IterationMonitor
+from qsmlab.recon.inversion.tv import (
+    DTYPE,
+    Monitor,
+    Problem,
+    check_iterations,
+    check_positive,
+    prepare,
+    zeros,
+)
 from qsmlab.recon.registry import register
 
 FFT_PAIRS_PER_ITER = 2
@@ -110,58 +118,49 @@ def medi(
     max_iter, tol = check_iterations(max_iter, tol, name)
     p = prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor, name)
     mg = edge_mask(p, magnitude, float(edge_fraction))
-    vs, grid, w2 = p.voxel_size, p.grid, p.w2
-    gbuf = np.empty((3,) + grid, DTYPE)
-    weight = np.empty((3,) + grid, DTYPE)  # alpha * M_G V M_G, refreshed each Gauss-Newton step
-    work = np.empty(grid, DTYPE)
+    # The loops run on torch tensors (multi-threaded; see tv.RealFFT).
+    T = torch.from_numpy
+    vs, grid, w2, f = p.voxel_size, p.grid, T(p.w2), T(p.field)
+    mgt, w2_s = T(mg), T(p.w2 / s)
+    gbuf = zeros((3,) + grid)
+    weight = zeros((3,) + grid)  # alpha * M_G V M_G, refreshed each Gauss-Newton step
 
-    def reg(x: np.ndarray) -> np.ndarray:
-        grad(x, vs, out=gbuf)
-        np.multiply(gbuf, weight, out=gbuf)
-        return grad_adjoint(gbuf, vs, work=work)
+    def add_reg(x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += alpha grad^T M_G V M_G grad x``."""
+        torch.mul(grad_t(x, vs, out=gbuf), weight, out=gbuf)
+        grad_adjoint_t(gbuf, vs, out=out, accumulate=True)
 
-    def hessian(xflat: np.ndarray) -> np.ndarray:
-        x = xflat.reshape(grid)
-        ax = p.A(x)
-        ax *= w2
-        out = p.A(ax)
-        out += reg(x)
-        return out.ravel()
+    def hessian(x: torch.Tensor) -> torch.Tensor:
+        out = p.A(p.A(x).mul_(w2))
+        add_reg(x, out)
+        return out
 
-    H = spla.LinearOperator((w2.size, w2.size), matvec=hessian, dtype=DTYPE)
-    chi = np.zeros(grid, DTYPE)
+    chi, work = zeros(grid), zeros(grid)
     n_cg = 0
 
-    def count(_x) -> None:
+    def count() -> None:
         nonlocal n_cg
         n_cg += 1
 
-    mon = IterationMonitor(max_iter, tol, "MEDI", quiet)
+    mon = Monitor(max_iter, tol, "MEDI", quiet)
     for _ in mon:
-        g = grad(chi, vs)
-        g *= mg
-        np.multiply(g, g, out=weight)
-        weight += eps
-        np.sqrt(weight, out=weight)
-        np.divide(alpha * mg, weight, out=weight)  # M_G^2 = M_G
+        g = grad_t(chi, vs, out=gbuf).mul_(mgt)
+        torch.mul(g, g, out=weight).add_(eps).sqrt_()
+        torch.div(mgt, weight, out=weight).mul_(alpha)  # M_G^2 = M_G
         r = p.A(chi)
-        r -= p.field
-        r *= s
-        np.sin(r, out=r)
-        r *= w2
-        r *= 1.0 / s
+        torch.sub(r, f, out=r).mul_(s).sin_().mul_(w2_s)
         rhs = p.A(r)
-        rhs += reg(chi)
-        rhs *= -1.0
-        dx, _ = spla.cg(H, rhs.ravel(), rtol=float(cg_tol), maxiter=int(cg_max_iter), callback=count)
-        chi_old = chi
-        chi = chi + dx.reshape(grid)
-        if mon.converged(chi, chi_old):
+        add_reg(chi, rhs)
+        rhs.neg_()
+        dx = conjugate_gradient(hessian, rhs, rtol=float(cg_tol), maxiter=int(cg_max_iter), callback=count)
+        chi_old, chi = chi, dx.add_(chi)
+        if mon.converged(chi, chi_old, work):
             break
+    chi = chi.numpy()
     res = p.A(chi) - p.field
     g = grad(chi, vs)
     g *= mg
-    objective = float(np.sum(w2 * (1.0 - np.cos(s * res)), dtype=np.float64) / s**2
+    objective = float(np.sum(p.w2 * (1.0 - np.cos(s * res)), dtype=np.float64) / s**2
                       + alpha * np.abs(g).sum(dtype=np.float64))
     last_info.clear()
     last_info.update(n_iter=mon.n_iter, n_cg=n_cg, converged=mon.last_update < mon.tol,

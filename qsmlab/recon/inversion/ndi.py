@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from qsmlab.errors import QSMInputError
 from qsmlab.recon.inversion.nltv import DEFAULT_PHASE_SCALE
-from qsmlab.recon.inversion.tv import DTYPE, check_iterations, check_positive, prepare
-from qsmlab.recon.iterate import IterationMonitor
+from qsmlab.recon.inversion.tv import DTYPE, Monitor, check_iterations, check_positive, prepare, zeros
 from qsmlab.recon.registry import register
 
 FFT_PAIRS_PER_ITER = 2
@@ -75,29 +75,27 @@ def ndi(
     max_iter, tol = check_iterations(max_iter, tol, name)
     p = prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor, name)
 
-    w2_s = p.w2 / s
+    # The loop runs on torch tensors (multi-threaded; see tv.RealFFT).
+    T = torch.from_numpy
+    w2_s, f = T(p.w2 / s), T(p.field)
+    # chi stays 0 outside the support, so M (chi - step g) = chi - g * (step M): one fused pass.
     support = np.zeros(p.grid, DTYPE)
     n = p.shape
     support[: n[0], : n[1], : n[2]] = p.mask
+    step_support = T(-step * support)
     keep = 1.0 - step * tikhonov
-    chi = np.zeros(p.grid, DTYPE)
-    mon = IterationMonitor(max_iter, tol, "NDI", quiet)
+    chi, work = zeros(p.grid), zeros(p.grid)
+    mon = Monitor(max_iter, tol, "NDI", quiet)
     for _ in mon:
         r = p.A(chi)
-        r -= p.field
-        r *= s
-        np.sin(r, out=r)
-        r *= w2_s
-        g = p.A(r)  # A^T = A
-        g *= -step
+        torch.sub(r, f, out=r).mul_(s).sin_().mul_(w2_s)
+        r = p.A(r)  # A^T = A
+        chi_old, chi = chi, torch.addcmul(chi, r, step_support, out=r)
         if tikhonov:
-            g += keep * chi
-        else:
-            g += chi
-        g *= support
-        chi_old, chi = chi, g
-        if mon.converged(chi, chi_old):
+            chi.add_(chi_old, alpha=keep - 1.0)
+        if mon.converged(chi, chi_old, work):
             break
+    chi = chi.numpy()
     res = p.A(chi) - p.field
     data = float(np.sum(p.w2 * (1.0 - np.cos(s * res)), dtype=np.float64) / s**2)
     last_info.clear()

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from qsmlab.physics.units import phase_scale as _phase_scale
 from qsmlab.recon.inversion.gradients import grad
@@ -41,24 +42,21 @@ last_info: dict = {}
 
 
 def nonlinear_prox(p: Problem, mu: float, s: float) -> DataProx:
-    """Prox of ``W^2/s^2 (1 - cos(s(u - f)))``: one majorise-minimise step from ``v`` (in place).
+    """Prox of ``W^2/s^2 (1 - cos(s(u - f)))``: one majorise-minimise step from ``v``, in dual form.
 
     ``u = v - W^2/s sin(s (v - f)) / (mu + W^2)``: the data term's curvature ``W^2 cos`` is at most
     ``W^2``, so this quadratic model majorises the prox objective and the step never increases it; for
-    small residuals it is the exact linear prox ``(W^2 f + mu v) / (W^2 + mu)``.
+    small residuals it is the exact linear prox ``(W^2 f + mu v) / (W^2 + mu)``. Writes ``s_u = v - u``.
     """
-    coef = (p.w2 / (s * (mu + p.w2))).astype(p.w2.dtype)
+    coef = torch.from_numpy((p.w2 / (s * (mu + p.w2))).astype(p.w2.dtype))
+    f = torch.from_numpy(p.field)
 
-    def prox(u: np.ndarray, v: np.ndarray) -> None:
-        # Start at v, not at the previous u: the data term is 2 pi / s periodic, and a step from v stays
-        # in the period nearest v, so u follows A chi across phase wraps instead of keeping those of f.
-        np.subtract(v, p.field, out=u)
-        np.multiply(u, s, out=u)
-        np.sin(u, out=u)
-        np.multiply(u, coef, out=u)
-        np.subtract(v, u, out=u)
+    def dual(s_u: torch.Tensor, v: torch.Tensor) -> None:
+        # The step starts at v, not at the previous u: the data term is 2 pi / s periodic, and a step from
+        # v stays in the period nearest v, so u follows A chi across phase wraps instead of keeping f's.
+        torch.sub(v, f, out=s_u).mul_(s).sin_().mul_(coef)
 
-    return prox
+    return dual
 
 
 def nltv_objective(p: Problem, chi: np.ndarray, alpha: float, s: float) -> float:
