@@ -133,3 +133,16 @@ def DataLoaderProbe(queue):  # noqa: N802  (reads as a constructor)
     from qsmlab.data.collate import collate_subjects
 
     return DataLoader(queue, batch_size=2, collate_fn=collate_subjects)
+
+
+def test_cache_default_depends_on_size(manifest, monkeypatch):
+    import qsmlab.data.datamodule as dmod
+
+    kw = dict(patch_size=8, samples_per_volume=1, queue_length=4, batch_size=1)
+    q = QSMDataModule(str(manifest), **kw).train_queue()  # 4 tiny scans: cached by default
+    assert all(s["field"]._loaded for s in q.subjects_dataset._subjects)
+    monkeypatch.setattr(dmod, "CACHE_LIMIT_BYTES", 1000)
+    q = QSMDataModule(str(manifest), **kw).train_queue()
+    assert not any(s["field"]._loaded for s in q.subjects_dataset._subjects)
+    q = QSMDataModule(str(manifest), cache_volumes=True, **kw).train_queue()  # explicit wins
+    assert all(s["field"]._loaded for s in q.subjects_dataset._subjects)
