@@ -62,6 +62,8 @@ def axial():
 def _run(sim, **kw):
     from qsmlab.recon.pipeline import run_pipeline
 
+    kw.setdefault("inversion", "cfl2")  # the bounds and oracles below were measured with cfl2 (fast)
+
     return run_pipeline(sim["phase"], sim["magnitude4"], TE, B0, voxel_size=sim["voxel_size"],
                         b0_dir=sim["b0_dir"], quiet=True, **kw)
 

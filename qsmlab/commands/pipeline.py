@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="M", help="binary brain mask NIfTI (default: computed from the magnitude)")
     p.add_argument("--unwrap", default="region", metavar="NAME", help="spatial unwrapper: region (default) or laplacian")
     p.add_argument("--bfr", default="vsharp", metavar="NAME", help="background removal method (default vsharp)")
-    p.add_argument("--inversion", default="cfl2", metavar="NAME", help="dipole inversion method (default cfl2)")
+    p.add_argument("--inversion", default="tv", metavar="NAME",
+                   help="dipole inversion method (default tv: FANSI-style total variation)")
     p.add_argument("--unwrap-param", nargs="+", action="extend", default=[], metavar="K=V",
                    help="parameters of the unwrapper")
     p.add_argument("--bfr-param", nargs="+", action="extend", default=[], metavar="K=V",

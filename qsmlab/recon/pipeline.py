@@ -34,7 +34,7 @@ from qsmlab.recon.unwrap import unwrap_echoes
 
 DEFAULT_UNWRAP = "region"
 DEFAULT_BFR = "vsharp"
-DEFAULT_INVERSION = "cfl2"
+DEFAULT_INVERSION = "tv"
 # Tolerance on max - min for phase "in radians": 2π plus float32/rounding slack of vendor rescaling.
 _RAD_TOL = 0.05
 
