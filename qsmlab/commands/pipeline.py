@@ -137,30 +137,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mask_params(raw: dict) -> dict:
-    """``--mask-param`` values checked against and converted to :func:`brain_mask`'s keyword defaults."""
-    import inspect
-
+    """``--mask-param`` values checked and converted against :func:`brain_mask`'s keyword defaults."""
     from qsmlab.errors import QSMInputError
     from qsmlab.recon.masking import brain_mask
+    from qsmlab.recon.registry import convert_params
 
-    known = {p.name: p.default for p in inspect.signature(brain_mask).parameters.values()
-             if p.kind == p.KEYWORD_ONLY and p.name != "voxel_size"}
-    out = {}
-    for k, v in raw.items():
-        if k not in known:
-            raise QSMInputError(f"--mask-param: unknown parameter {k!r}; accepted: {', '.join(sorted(known))}")
-        d = known[k]
-        try:
-            if k == "threshold":
-                out[k] = v if v == "otsu" else float(v)
-            elif isinstance(d, bool):
-                out[k] = v.lower() in ("1", "true", "yes", "on")
-            elif isinstance(d, int):
-                out[k] = int(v)
-            else:
-                out[k] = float(v)
-        except ValueError:
-            raise QSMInputError(f"--mask-param {k}={v!r}: expected a number") from None
+    try:
+        out = convert_params(brain_mask, raw, "the automatic brain mask")
+        if out.get("threshold", "otsu") != "otsu":  # str | float parameter: a fraction arrives as text
+            out["threshold"] = float(out["threshold"])
+    except QSMInputError as e:
+        raise QSMInputError(f"--mask-param: {e}") from None
+    except ValueError:
+        raise QSMInputError(f"--mask-param threshold={raw['threshold']!r}: expected otsu or a fraction") from None
     return out
 
 

@@ -157,7 +157,7 @@ def run_pipeline(
             except TypeError as e:
                 raise QSMInputError(f"mask parameters: {e}") from None
             steps.append({"step": "mask", "method": "brain_mask", "source": "magnitude (RSS over echoes)",
-                          "params": {**_defaults(brain_mask), **mask_params}})
+                          "params": {**registry.parameters(brain_mask), **mask_params}})
         else:
             brain = np.asarray(mask) > 0.5
             if brain.shape != phase.shape[:3]:
@@ -211,8 +211,3 @@ def run_pipeline(
     return {"total_field": total, "mask": brain, "local_field": local * valid, "valid_mask": valid,
             "chi": chi, "phase_offset": fit.phase_offset, "fit_residual": fit.residual,
             "magnitude": mag_comb, "provenance": provenance}
-
-
-def _defaults(fn) -> dict:
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY
-            and p.name != "voxel_size"}

@@ -66,12 +66,18 @@ def parameters(fn: Callable) -> dict[str, object]:
 
 def check_params(family: str, name: str, params: dict) -> dict:
     """Validate ``params`` against the method's signature, converting strings to the default's type."""
-    fn = get(family, name)
+    return convert_params(get(family, name), params, f"{family} method {name!r}", name)
+
+
+def convert_params(fn: Callable, params: dict, what: str, short: str | None = None) -> dict:
+    """Check ``params`` names against ``fn``'s keyword-only parameters and convert string values to the
+    type of each default; errors name ``what`` (e.g. ``"inversion method 'tkd'"``)."""
     known = parameters(fn)
+    name = short or what
     out = {}
     for k, v in params.items():
         if k not in known:
-            raise QSMInputError(f"unknown parameter {k!r} for {family} method {name!r}; "
+            raise QSMInputError(f"unknown parameter {k!r} for {what}; "
                                 f"accepted: {', '.join(sorted(known)) or '(none)'}")
         default = known[k]
         if isinstance(v, str) and default is None:
