@@ -1,0 +1,138 @@
+"""NeXtQSM (Cognolato et al., Medical Image Analysis 2023): a background-field U-Net chained into a
+variational network for the dipole inversion, trained end to end.
+
+- :class:`BackgroundUNet`: total field + mask ``[B, 2, X, Y, Z]`` -> local field ``[B, 1, X, Y, Z]``.
+- :class:`VariationalNet`: K unrolled steps (Hammernik et al., MRM 2018) of a projected gradient
+  descent on the data term ``½‖M(Aχ − f)‖²`` with a learned regulariser::
+
+      χ₀ = M f
+      χ_{k+1} = M · ( χ_k − α_k · [ A(M(Aχ_k − f)) + R(χ_k, f, M) ] ),   α_k = softplus(a_k)
+
+  ``A`` is the dipole operator (:class:`qsmlab.physics.DipoleOperator`; self-adjoint, so
+  ``A(M(Aχ − f))`` is the gradient of the data term), ``M`` the brain mask, ``f`` the local field (ppm),
+  ``R`` one CNN shared by all steps, ``a_k`` one learned scalar per step. The projection ``M ·`` keeps χ
+  on the brain, where the local field's sources are (``local = A(χ·M)``). ``R``'s output layer starts at
+  zero, so the untrained network is plain data-consistency descent from the local field.
+- :class:`NeXtQSMNet`: both, ``forward(total_field, mask, physics) -> {"local_field", "chi"}``.
+
+Units: f, χ in ppm (or both divided by the same scale: the data term is linear, so a common
+normalisation of field and χ leaves the steps consistent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qsmlab.errors import QSMInputError
+from qsmlab.models._blocks import check_input, check_positive_int, inverse_softplus
+from qsmlab.models.unet import UNet3d
+
+
+class BackgroundUNet(UNet3d):
+    """Background-field removal U-Net: ``[B, 2, X, Y, Z]`` (total field, mask) -> ``[B, 1, X, Y, Z]``
+    (local field; the caller masks it). 3³ convolutions, BatchNorm, ReLU, nearest-neighbour up path;
+    ``size_multiple = 2**depth``."""
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1, width: int = 16, depth: int = 4,
+                 kernel_size: int = 3, norm: str = "batch", upsample: str = "nearest"):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, width=width, depth=depth,
+                         kernel_size=kernel_size, convs_per_level=2, norm=norm, activation="relu",
+                         upsample=upsample, out_kernel_size=1)
+
+
+class VariationalNet(nn.Module):
+    """Unrolled variational network for the dipole inversion (see the module docstring).
+
+    Args:
+        steps: number of unrolled steps K.
+        width, depth, convs_per_level: the shared regulariser U-Net (3 inputs: χ, f, mask; no
+            normalisation, LeakyReLU, nearest up path); ``size_multiple = 2**depth``. It runs once per
+            step, so its cost is paid ``steps`` times: the defaults (8 channels, one conv per level and
+            path) keep four steps below one ``BackgroundUNet`` pass.
+        init_step: initial step weight α_k for every step (> 0). The data term's Lipschitz constant is
+            ``max D² = 4/9``, so plain descent is stable for α < 4.5.
+        checkpointing: recompute each step in the backward pass (``torch.utils.checkpoint``) instead of
+            storing its activations: memory of one step instead of K, for one more forward.
+
+    ``forward(local_field [B,1,X,Y,Z] ppm, mask [B,1,X,Y,Z], physics) -> chi [B,1,X,Y,Z] ppm``.
+    """
+
+    fixed_input_size = None
+
+    def __init__(self, steps: int = 4, width: int = 8, depth: int = 2, init_step: float = 1.0,
+                 checkpointing: bool = False, convs_per_level: int = 1):
+        super().__init__()
+        self.steps = check_positive_int(steps, "steps")
+        self.checkpointing = bool(checkpointing)
+        self.regulariser = UNet3d(in_channels=3, out_channels=1, width=width, depth=depth, kernel_size=3,
+                                  convs_per_level=convs_per_level, norm="none", activation="leaky_relu",
+                                  negative_slope=0.01, upsample="nearest", out_kernel_size=1)
+        nn.init.zeros_(self.regulariser.head.weight)
+        nn.init.zeros_(self.regulariser.head.bias)
+        self.step_params = nn.Parameter(torch.full((self.steps,), inverse_softplus(float(init_step))))
+        self.size_multiple = self.regulariser.size_multiple
+
+    @property
+    def step_weights(self) -> torch.Tensor:
+        """α_k = softplus(a_k), shape ``[steps]``."""
+        return F.softplus(self.step_params)
+
+    def _step(self, chi: torch.Tensor, field: torch.Tensor, mask: torch.Tensor, physics,
+              alpha: torch.Tensor) -> torch.Tensor:
+        grad = physics.A(mask * (physics.A(chi) - field))
+        reg = self.regulariser(torch.cat([chi, field, mask], dim=1))
+        return mask * (chi - alpha * (grad + reg))
+
+    def forward(self, local_field: torch.Tensor, mask: torch.Tensor, physics) -> torch.Tensor:
+        check_input(self, local_field, 1, "local_field")
+        if tuple(mask.shape) != tuple(local_field.shape):
+            raise QSMInputError(f"VariationalNet: mask shape {tuple(mask.shape)} must equal the local "
+                                f"field's {tuple(local_field.shape)}")
+        mask = mask.to(local_field.dtype)
+        chi = local_field * mask
+        alphas = self.step_weights
+        use_ckpt = self.checkpointing and torch.is_grad_enabled()
+        for k in range(self.steps):
+            if use_ckpt:
+                chi = checkpoint(self._step, chi, local_field, mask, physics, alphas[k], use_reentrant=False)
+            else:
+                chi = self._step(chi, local_field, mask, physics, alphas[k])
+        return chi
+
+
+class NeXtQSMNet(nn.Module):
+    """Background U-Net chained into the variational network, trained end to end.
+
+    Args:
+        bg: keyword arguments of :class:`BackgroundUNet` (``None``: its defaults).
+        varnet: keyword arguments of :class:`VariationalNet` (``None``: its defaults).
+
+    ``forward(total_field [B,1,X,Y,Z], mask [B,1,X,Y,Z], physics)`` ->
+    ``{"local_field": M·BackgroundUNet(total, M), "chi": VariationalNet(local_field, M, physics)}``.
+    """
+
+    fixed_input_size = None
+
+    def __init__(self, bg: dict | None = None, varnet: dict | None = None):
+        super().__init__()
+        self.background = BackgroundUNet(**(bg or {}))
+        if self.background.in_channels != 2 or self.background.out_channels != 1:
+            raise QSMInputError("NeXtQSMNet: bg must keep in_channels=2 (total field, mask) and "
+                                f"out_channels=1; got {self.background.in_channels}, "
+                                f"{self.background.out_channels}")
+        self.varnet = VariationalNet(**(varnet or {}))
+        self.size_multiple = math.lcm(self.background.size_multiple, self.varnet.size_multiple)
+
+    def forward(self, total_field: torch.Tensor, mask: torch.Tensor, physics) -> dict[str, torch.Tensor]:
+        check_input(self, total_field, 1, "total_field")
+        if tuple(mask.shape) != tuple(total_field.shape):
+            raise QSMInputError(f"NeXtQSMNet: mask shape {tuple(mask.shape)} must equal the total "
+                                f"field's {tuple(total_field.shape)}")
+        mask = mask.to(total_field.dtype)
+        local = self.background(torch.cat([total_field, mask], dim=1)) * mask
+        return {"local_field": local, "chi": self.varnet(local, mask, physics)}

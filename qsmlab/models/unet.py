@@ -1,0 +1,131 @@
+"""A configurable 3D U-Net: the common skeleton of the uQSM, QSMnet and NeXtQSM networks.
+
+Encoder-decoder with skip concatenations (Ronneberger et al., MICCAI 2015; 3D: Çiçek et al., MICCAI
+2016). Level ``l`` (0 = full resolution) has ``width * 2**l`` channels and ``convs_per_level``
+conv-norm-activation layers with ``kernel_size³`` kernels; ``depth`` 2³ max-poolings lead to the
+bottleneck at level ``depth``; the decoder upsamples, concatenates the skip of the same level (skip
+first) and applies ``convs_per_level`` layers; a linear ``out_kernel_size³`` convolution gives the
+output. Input ``[B, in_channels, X, Y, Z]`` -> ``[B, out_channels, X, Y, Z]``; X, Y, Z multiples of
+``2**depth``.
+
+Up path (``upsample``):
+- ``"transposed"``: a learned 2³ transposed convolution with stride 2 (``c_{l+1} -> c_l``), as in the
+  original U-Net. Its eight output parities have their own weights, so even a constant input yields a
+  period-2 (checkerboard) pattern (Odena et al., Distill 2016).
+- ``"nearest"``: a 1³ convolution (``c_{l+1} -> c_l``) at the coarse level, then nearest-neighbour
+  upsampling. Pointwise convolution and replication commute, so this is "upsample, then 1³ conv" at an
+  eighth of the cost, and it is the transposed variant with all eight parities sharing one weight: the
+  two options differ only in that, which is the uQSM checkerboard ablation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsmlab.models._blocks import (
+    ACTIVATIONS,
+    NORMS,
+    ConvNormAct,
+    check_choice,
+    check_input,
+    check_positive_int,
+)
+
+UPSAMPLE_MODES = ("nearest", "transposed")
+
+
+def _concat_up(skip: torch.Tensor, up: nn.Module, coarse: torch.Tensor, nearest: bool) -> torch.Tensor:
+    """``cat([skip, upsampled(coarse)], dim=1)`` built in one buffer.
+
+    The skip is copied in and released before the up path runs, and nearest-neighbour replication is
+    written straight into the buffer, so the decoder's widest point holds three full-resolution maps of
+    ``c`` channels (buffer ``2c`` + one) instead of four (skip, upsampled, their concatenation).
+    ``skip`` must have no other reference for the saving to happen (callers pass ``skips.pop()``).
+    """
+    b, cs, x, y, z = skip.shape
+    out = skip.new_empty((b, cs + up.out_channels, x, y, z))
+    out[:, :cs].copy_(skip)
+    del skip
+    u = up(coarse)
+    if nearest:
+        # Full-res index 2*i + a  <->  (i, a): the view splits each axis into (coarse index, parity).
+        cu = u.shape[1]
+        out[:, cs:].view(b, cu, x // 2, 2, y // 2, 2, z // 2, 2).copy_(
+            u.view(b, cu, x // 2, 1, y // 2, 1, z // 2, 1))
+    else:
+        out[:, cs:].copy_(u)
+    return out
+
+
+class UNet3d(nn.Module):
+    """Configurable 3D U-Net (see the module docstring for the architecture and the up-path options).
+
+    Args:
+        in_channels, out_channels: input / output channels.
+        width: channels at full resolution; level ``l`` has ``width * 2**l``.
+        depth: number of 2³ max-poolings; ``size_multiple = 2**depth``.
+        kernel_size: odd convolution size (3 for uQSM/NeXtQSM, 5 for QSMnet).
+        convs_per_level: conv-norm-act layers per level and per path.
+        norm: ``"batch"``, ``"instance"`` or ``"none"`` (then convolutions carry a bias).
+        activation: ``"relu"`` or ``"leaky_relu"`` (with ``negative_slope``).
+        upsample: ``"nearest"`` or ``"transposed"``.
+        out_kernel_size: size of the final linear convolution (1 or 3).
+    """
+
+    fixed_input_size = None
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 16, depth: int = 4,
+                 kernel_size: int = 3, convs_per_level: int = 2, norm: str = "batch",
+                 activation: str = "relu", negative_slope: float = 0.01, upsample: str = "nearest",
+                 out_kernel_size: int = 1):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        width = check_positive_int(width, "width")
+        self.depth = check_positive_int(depth, "depth", minimum=0)
+        kernel_size = check_positive_int(kernel_size, "kernel_size")
+        out_kernel_size = check_positive_int(out_kernel_size, "out_kernel_size")
+        if kernel_size % 2 == 0 or out_kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size and out_kernel_size must be odd ('same' padding); "
+                             f"got {kernel_size} and {out_kernel_size}")
+        convs = check_positive_int(convs_per_level, "convs_per_level")
+        check_choice(norm, NORMS, "norm")
+        check_choice(activation, ACTIVATIONS, "activation")
+        self.upsample = check_choice(upsample, UPSAMPLE_MODES, "upsample")
+        self.size_multiple = 2 ** self.depth
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(*[ConvNormAct(cin if i == 0 else cout, cout, kernel_size, norm, activation,
+                                               negative_slope) for i in range(convs)])
+
+        ch = [width * 2 ** level for level in range(self.depth + 1)]
+        self.encoders = nn.ModuleList(block(in_channels if lv == 0 else ch[lv - 1], ch[lv])
+                                      for lv in range(self.depth))
+        self.bottleneck = block(in_channels if self.depth == 0 else ch[-2], ch[-1])
+        if upsample == "transposed":
+            self.ups = nn.ModuleList(nn.ConvTranspose3d(ch[lv + 1], ch[lv], 2, stride=2)
+                                     for lv in range(self.depth))
+        else:
+            self.ups = nn.ModuleList(nn.Conv3d(ch[lv + 1], ch[lv], 1) for lv in range(self.depth))
+        self.decoders = nn.ModuleList(block(2 * ch[lv], ch[lv]) for lv in range(self.depth))
+        self.head = nn.Conv3d(ch[0], out_channels, out_kernel_size, padding=out_kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.in_channels)
+        skips = []
+        for enc in self.encoders:
+            for layer in enc:
+                x = layer(x)
+            skips.append(x)
+            x = F.max_pool3d(x, 2)
+        for layer in self.bottleneck:
+            x = layer(x)
+        # Coarse to fine. Layers are applied one by one on a rebound local so that each input map is
+        # freed as soon as the next layer has consumed it (full-volume inference memory).
+        for lv in reversed(range(self.depth)):
+            x = _concat_up(skips.pop(), self.ups[lv], x, self.upsample == "nearest")
+            for layer in self.decoders[lv]:
+                x = layer(x)
+        return self.head(x)
