@@ -17,7 +17,8 @@ import sys
 from qsmlab import __version__
 from qsmlab.errors import QSMInputError
 
-COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "manifest")
+COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "manifest",
+            "fit", "validate", "test", "sweep", "loocv", "compare")
 
 
 def _load(name: str):
@@ -46,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
-        sp.set_defaults(_run=mod.run, _name=name)
+        # ACCEPTS_EXTRA: the command takes free-form `--key.path value` overrides (LightningCLI style)
+        sp.set_defaults(_run=mod.run, _name=name, _accepts_extra=getattr(mod, "ACCEPTS_EXTRA", False))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

@@ -1,0 +1,51 @@
+"""``qsmlab loocv``: leave-one-subject-out cross-validation with TKD/TV baselines (see :mod:`qsmlab.lab.loocv`)."""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_EXTRA = True  # --section.key VALUE overrides of the experiment
+
+HELP = "leave-one-subject-out cross-validation of an experiment, with TKD and tuned-TV baselines"
+
+DESCRIPTION = """\
+Train the experiment once per held-out subject of a manifest (leave-one-subject-out folds: every scan of
+a subject in one fold; synthetic subjects always train), predict the held-out subject's full volume and
+score it inside the mask (PSNR, NRMSE, HFEN, SSIM, ...), next to TKD and TV (TV's weight tuned on each
+fold's training subjects only). Writes, under --out (default runs/loocv-<experiment>/): folds.json,
+folds/<fold>/ (training run with its CSV log and W&B run in group loocv-<experiment>, predictions,
+result.csv), loocv_folds.csv, loocv_table.csv/.md (methods x metrics, mean +- sd) and loocv_box.png.
+
+A fold with a result.csv is finished and skipped on a rerun, so a killed batch resumes; --fold i runs
+one fold (one job per fold on a cluster, e.g. a SLURM array: --fold $SLURM_ARRAY_TASK_ID), then
+aggregates whatever folds are finished.
+
+example:
+  qsmlab loocv uqsm_tv --manifest data/invivo/manifest.csv --params best-of:uqsm_tv --workers 2
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name (experiments/<name>.yaml) or YAML path")
+    p.add_argument("--manifest", required=True, metavar="M",
+                   help="manifest CSV with at least 2 subjects, each held-out scan with a reference chi")
+    p.add_argument("--profile", default=None, help="experiment profile (default: quick when defined)")
+    p.add_argument("--params", default=None, metavar="best-of:STUDY",
+                   help="start from the best trial's parameters of a sweep study")
+    p.add_argument("--storage", default=None, metavar="URL", help="storage of that study (default runs/STUDY/journal.log)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="folds run as N local processes")
+    p.add_argument("--fold", type=int, default=None, metavar="I", help="run only fold I (0-based)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/loocv-<experiment>)")
+    p.add_argument("--loggers", default=None, help="wandb,csv (default), tensorboard, or none")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qsmlab.lab.cli import split_overrides
+    from qsmlab.lab.loocv import numeric_overrides, run_loocv
+    from qsmlab.lab.tracking import parse_logger_names
+
+    run_loocv(args.experiment, args.manifest, profile=args.profile, params=args.params, storage=args.storage,
+              workers=args.workers, fold=args.fold, out=args.out, loggers=parse_logger_names(args.loggers),
+              overrides=numeric_overrides(split_overrides(getattr(args, "extra", []) or [])), quiet=args.quiet)
+    return 0

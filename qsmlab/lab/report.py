@@ -1,0 +1,126 @@
+"""Sweep results: ``trials.csv``, ``report.md``, the objective-vs-parameter figure and the history.
+
+``trials.csv`` (one row per trial: ``number, state, value, params.<key>..., val/<metric>..., seconds,
+fit_seconds, last_intermediate, error, retry_of, run_dir``) is everything the figures and tables need, so
+``qsmlab compare`` can rebuild them without Optuna or W&B.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from qsmlab.lab.figures import history_figure, objective_vs_params
+
+
+def trials_frame(study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        r: dict[str, Any] = {"number": t.number, "state": t.state.name, "value": t.value}
+        r.update({f"params.{k}": v for k, v in t.params.items()})
+        r.update(t.user_attrs.get("metrics", {}))
+        r["seconds"] = t.user_attrs.get("seconds")
+        r["fit_seconds"] = t.user_attrs.get("fit_seconds")
+        r["last_intermediate"] = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        r["error"] = t.user_attrs.get("error")
+        r["retry_of"] = t.user_attrs.get("qsmlab.retry_of")
+        r["run_dir"] = t.user_attrs.get("run_dir")
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """A DataFrame as a GitHub Markdown table (no extra dependency)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else floatfmt.format(v)
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _best(frame: pd.DataFrame, direction: str):
+    done = frame[frame["state"] == "COMPLETE"]
+    if not len(done):
+        return None
+    return done.loc[done["value"].idxmin() if direction == "minimize" else done["value"].idxmax()]
+
+
+def interior(frame: pd.DataFrame, param: str, direction: str) -> bool | None:
+    """Whether the best value of ``param`` has finished trials on both sides (the budget brackets it)."""
+    best = _best(frame, direction)
+    done = frame[frame["state"] == "COMPLETE"]
+    col = f"params.{param}"
+    if best is None or col not in done or not np.issubdtype(done[col].dtype, np.number):
+        return None
+    return bool((done[col] < best[col]).any() and (done[col] > best[col]).any())
+
+
+def write_report(study, spec, study_dir: Path) -> dict:
+    """Write trials.csv, the two figures and report.md under ``study_dir``; return a summary dict."""
+    study_dir = Path(study_dir)
+    frame = trials_frame(study)
+    frame.to_csv(study_dir / "trials.csv", index=False)
+    (study_dir / "study.json").write_text(json.dumps(
+        {"study": spec.study, "experiment": str(spec.experiment), "metric": spec.metric, "direction": spec.direction,
+         "params": list(spec.search_space), "log_params": spec.log_params, "n_trials": spec.n_trials}, indent=2))
+    params = list(spec.search_space)
+    out: dict[str, Any] = {"trials": frame, "csv": study_dir / "trials.csv", "best": None,
+                           "counts": frame["state"].value_counts().to_dict() if len(frame) else {}}
+    if len(frame) and (frame["state"] == "COMPLETE").any():
+        out["objective_figure"] = objective_vs_params(frame, params, spec.metric, study_dir / "objective_vs_params.png",
+                                                      log_params=spec.log_params, direction=spec.direction)
+        out["history_figure"] = history_figure(frame, spec.metric, study_dir / "history.png", spec.direction)
+        out["best"] = _best(frame, spec.direction)
+        out["interior"] = {p: interior(frame, p, spec.direction) for p in params}
+    (study_dir / "report.md").write_text(report_markdown(out, spec))
+    return out
+
+
+def best_frame(rep: dict, spec) -> pd.DataFrame:
+    b = rep["best"]
+    rows = [("trial", str(int(b["number"])))]
+    rows += [(p, f"{b[f'params.{p}']:.4g}" if isinstance(b[f"params.{p}"], float) else str(b[f"params.{p}"]))
+             for p in spec.search_space]
+    rows += [(k, f"{b[k]:.4g}") for k in rep["trials"].columns if k.startswith("val/") and pd.notna(b[k])]
+    return pd.DataFrame(rows, columns=["", "best"])
+
+
+def report_markdown(rep: dict, spec) -> str:
+    frame = rep["trials"]
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in rep["counts"].items()) or "no trials"
+    lines = [f"# Sweep `{spec.study}`", "",
+             f"Experiment `{Path(spec.experiment).stem}` (profile `{spec.profile}`), objective `{spec.metric}` "
+             f"({spec.direction}), sampler `{spec.sampler['name']}`, pruner `{spec.pruner['name']}`, "
+             f"{len(frame)} trials ({counts}).", ""]
+    if rep["best"] is not None:
+        lines += ["## Best trial", "", markdown_table(best_frame(rep, spec)), ""]
+        for p, inside in rep.get("interior", {}).items():
+            if inside is not None:
+                lines.append(f"- `{p}`: the optimum is {'interior (finished trials on both sides)' if inside else 'at the edge of the sampled range: widen the search or add trials'}.")
+        lines += ["", "![objective vs parameters](objective_vs_params.png)", "", "![history](history.png)", ""]
+    cols = ["number", "state", "value"] + [f"params.{p}" for p in spec.search_space] + \
+           [c for c in frame.columns if c.startswith("val/")] + ["seconds", "error"]
+    if len(frame):
+        lines += ["## All trials", "", markdown_table(frame[[c for c in cols if c in frame.columns]]), ""]
+    return "\n".join(lines)
+
+
+def print_best(rep: dict, spec) -> None:
+    frame = rep["trials"]
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in rep["counts"].items()) or "no trials"
+    print(f"[{spec.study}] {len(frame)} trials ({counts}); report: {rep['csv'].parent / 'report.md'}")
+    if rep["best"] is None:
+        print(f"[{spec.study}] no completed trial yet")
+        return
+    print(markdown_table(best_frame(rep, spec)))
+    for p, inside in rep.get("interior", {}).items():
+        if inside is not None:
+            print(f"[{spec.study}] {p}: optimum {'interior' if inside else 'AT THE EDGE of the sampled values'}")
