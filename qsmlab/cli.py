@@ -18,7 +18,7 @@ from qsmlab import __version__
 from qsmlab.errors import QSMInputError
 
 COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "manifest",
-            "fit", "validate", "test", "sweep", "loocv", "compare")
+            "fit", "validate", "test", "predict", "dip", "sweep", "loocv", "compare")
 
 
 def _load(name: str):

@@ -1,0 +1,175 @@
+"""Full-volume inference helpers: padding to a network's size multiple, and the inference frame.
+
+Two things stand between an arbitrary input volume and a network trained on patches:
+
+- **Grid size.** Encoder-decoders need every axis divisible by ``2**depth``: :func:`pad_to_multiple`
+  pads (symmetrically, zeros or replicated edges) and :func:`crop` undoes it. Volumes too large for one
+  pass go through MONAI's ``sliding_window_inference`` with Gaussian blending (in the base class).
+- **Geometry.** A network sees voxels, not B0: trained on axial B0 it has learned the dipole pattern of
+  axial B0 only (and of the training voxel size). :class:`Frame` resamples the inputs into a grid whose
+  B0 direction is the training one (a rotation about the volume centre, in mm) and, when the voxel size
+  differs by more than 25 %, whose voxels have the training size; the network's output is resampled back
+  onto the input grid. Rotating the head rotates its field with it (the dipole field of a rotated source
+  in a rotated B0 is the rotated field), so the rotated field is a field the network was trained on.
+
+Coordinates: voxel index ``i`` (input) and ``o`` (frame) map to mm about each grid's centre,
+``p = S_in (i - c_in)`` and ``q = S_out (o - c_out)`` with ``S = diag(voxel_size)`` and ``c = (n - 1) / 2``;
+the frame is ``q = R p`` with ``R`` the smallest rotation taking the input B0 onto the training B0
+(``R b = ±t``: B0's sign does not change the dipole kernel). Hence
+``i = S_in^-1 R^T S_out (o - c_out) + c_in``, which is what ``scipy.ndimage.affine_transform`` takes.
+Fields and magnitudes are interpolated linearly, masks by nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+ANGLE_TOL_DEG = 1.0
+"""B0 directions closer than this to the training one are used as they are."""
+VOXEL_TOL = 0.25
+"""A voxel size further than this (relative, any axis) from the training one is resampled to it."""
+NEAREST_KEYS = ("mask", "seg")
+"""Images resampled by nearest neighbour (labels); everything else linearly."""
+
+
+# -- padding --------------------------------------------------------------------------------------------
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "constant"
+                    ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """Pad the last three axes of ``x`` [B, C, X, Y, Z] up to multiples of ``multiple``.
+
+    Padding is split evenly before/after each axis (the network's receptive field sees the volume
+    centred, as in training patches). ``mode``: ``"constant"`` (zeros) or ``"replicate"``. Returns the
+    padded tensor and the ``(before, after)`` pads per axis for :func:`crop`.
+    """
+    if mode not in ("constant", "replicate"):
+        raise ValueError(f"pad mode must be 'constant' or 'replicate', got {mode!r}")
+    pads = []
+    for n in x.shape[-3:]:
+        extra = (-int(n)) % int(multiple)
+        pads.append((extra // 2, extra - extra // 2))
+    if not any(a or b for a, b in pads):
+        return x, tuple(pads)
+    flat = [v for a, b in reversed(pads) for v in (a, b)]  # F.pad lists the last axis first
+    return F.pad(x, flat, mode=mode), tuple(pads)
+
+
+def crop(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple` on the last three axes."""
+    sl = [slice(a, x.shape[-3 + i] - b) for i, (a, b) in enumerate(pads)]
+    return x[..., sl[0], sl[1], sl[2]]
+
+
+# -- geometry -------------------------------------------------------------------------------------------
+
+def unit(v: Sequence[float]) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64).reshape(3)
+    return a / np.linalg.norm(a)
+
+
+def b0_angle_deg(a: Sequence[float], b: Sequence[float]) -> float:
+    """Angle between two B0 axes in degrees, sign-insensitive (B0 and -B0 give the same kernel)."""
+    c = abs(float(np.dot(unit(a), unit(b))))
+    return math.degrees(math.acos(min(1.0, c)))
+
+
+def rotation_onto(b: Sequence[float], t: Sequence[float]) -> np.ndarray:
+    """Smallest rotation ``R`` with ``R b`` parallel to ``t`` (either sign of ``t``), by Rodrigues' formula."""
+    b, t = unit(b), unit(t)
+    if np.dot(b, t) < 0:
+        t = -t
+    axis = np.cross(b, t)
+    s, c = np.linalg.norm(axis), float(np.dot(b, t))
+    if s < 1e-12:
+        return np.eye(3)
+    k = axis / s
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + s * K + (1 - c) * (K @ K)
+
+
+@dataclass
+class Frame:
+    """Resampling between an input grid and the inference grid (see the module docstring).
+
+    ``matrix``/``offset`` map frame voxel indices to input voxel indices (``i = matrix @ o + offset``).
+    """
+
+    in_shape: tuple[int, int, int]
+    in_voxel_size: np.ndarray
+    out_shape: tuple[int, int, int]
+    out_voxel_size: np.ndarray
+    rotation: np.ndarray
+    matrix: np.ndarray
+    offset: np.ndarray
+    angle_deg: float
+    resampled: bool
+
+    @property
+    def rotated(self) -> bool:
+        return self.angle_deg > 0
+
+    def forward(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Input-grid images -> frame grid (linear; ``mask``/``seg`` nearest)."""
+        out = {}
+        for k, v in images.items():
+            if v is None:
+                continue
+            order = 0 if k in NEAREST_KEYS else 1
+            out[k] = ndimage.affine_transform(np.asarray(v, dtype=np.float32), self.matrix, self.offset,
+                                              output_shape=self.out_shape, order=order, mode="constant",
+                                              cval=0.0, prefilter=False)
+        return out
+
+    def backward(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
+        """A frame-grid volume -> input grid (the inverse map, linear by default)."""
+        inv = np.linalg.inv(self.matrix)
+        off = -inv @ self.offset
+        return ndimage.affine_transform(np.asarray(volume, dtype=np.float32), inv, off,
+                                        output_shape=self.in_shape, order=order, mode="constant", cval=0.0,
+                                        prefilter=False)
+
+
+def make_frame(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float],
+               train_b0_dir: Sequence[float] | None = None, train_voxel_size: Sequence[float] | None = None,
+               angle_tol_deg: float = ANGLE_TOL_DEG, voxel_tol: float = VOXEL_TOL) -> Frame | None:
+    """The inference frame for an input, or None when its geometry is close enough to training's.
+
+    Rotation when B0 is more than ``angle_tol_deg`` from ``train_b0_dir``; resampling to
+    ``train_voxel_size`` when any axis differs by more than ``voxel_tol`` (relative). A None or
+    non-finite training geometry disables that part (e.g. a network trained on mixed orientations).
+    """
+    shape = tuple(int(n) for n in shape)
+    vs_in = np.asarray(voxel_size, dtype=np.float64).reshape(3)
+    angle = 0.0
+    rot = np.eye(3)
+    if train_b0_dir is not None and np.all(np.isfinite(train_b0_dir)):
+        angle = b0_angle_deg(b0_dir, train_b0_dir)
+        if angle > angle_tol_deg:
+            rot = rotation_onto(b0_dir, train_b0_dir)
+        else:
+            angle = 0.0
+    vs_out = vs_in.copy()
+    resampled = False
+    if train_voxel_size is not None and np.all(np.isfinite(train_voxel_size)):
+        tvs = np.asarray(train_voxel_size, dtype=np.float64).reshape(3)
+        if np.any(np.abs(vs_in / tvs - 1.0) > voxel_tol):
+            vs_out, resampled = tvs, True
+    if angle == 0.0 and not resampled:
+        return None
+    # Output extent: bounding box of the rotated input box (mm), so no brain voxel is cut off.
+    half = 0.5 * (np.asarray(shape) - 1) * vs_in
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * half
+    extent = np.abs(corners @ rot.T).max(axis=0)
+    out_shape = tuple(int(np.ceil(2 * e / v - 1e-6)) + 1 for e, v in zip(extent, vs_out))
+    c_in = (np.asarray(shape) - 1) / 2.0
+    c_out = (np.asarray(out_shape) - 1) / 2.0
+    matrix = np.diag(1.0 / vs_in) @ rot.T @ np.diag(vs_out)
+    offset = c_in - matrix @ c_out
+    return Frame(shape, vs_in, out_shape, vs_out, rot, matrix, offset, angle, resampled)

@@ -1,0 +1,251 @@
+"""The shared method base: geometry frames (physics), padding, normalisation statistics, full-volume
+evaluation and its logged metrics, hyper-parameters through jsonargparse/LightningCLI and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _methods import VAL_SUBJECT, tiny_datamodule, tiny_dataset, tiny_trainer
+from scipy import ndimage
+
+from qsmlab.methods import UQSM, UQSMLoss, load_method
+from qsmlab.methods.base import normalise_magnitude
+from qsmlab.methods.inference import b0_angle_deg, crop, make_frame, pad_to_multiple, rotation_onto
+from qsmlab.methods.statistics import common_b0_dir, robust_std
+from qsmlab.metrics import compute_all
+from qsmlab.physics import DipoleOperator, tilted_b0_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.getbasetemp() / "methods_data")
+
+
+def _blob_chi(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    chi = ndimage.gaussian_filter(rng.normal(size=shape), 2.5)
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = (g[0] / 0.7) ** 2 + (g[1] / 0.75) ** 2 + (g[2] / 0.65) ** 2 <= 1
+    return (0.1 * chi / np.abs(chi).max() * mask).astype(np.float64), mask
+
+
+# -- padding and geometry ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(17, 20, 9), (16, 16, 16), (31, 8, 33)])
+def test_pad_to_multiple_round_trip(shape):
+    x = torch.randn(1, 2, *shape)
+    for mode in ("constant", "replicate"):
+        xp, pads = pad_to_multiple(x, 8, mode)
+        assert all(n % 8 == 0 and n >= m for n, m in zip(xp.shape[-3:], shape))
+        assert all(abs(a - b) <= 1 for a, b in pads)  # centred
+        assert torch.equal(crop(xp, pads), x)
+
+
+def test_rotation_onto_maps_b0_to_training_axis():
+    t = np.array([0.0, 0.0, 1.0])
+    for b in (tilted_b0_dir(30), tilted_b0_dir(75, axis=(1, 1, 0)), -tilted_b0_dir(10)):
+        R = rotation_onto(b, t)
+        assert np.allclose(R @ R.T, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(R), 1.0)
+        assert abs(abs(R @ b @ t) - 1.0) < 1e-12
+        assert b0_angle_deg(b, t) == pytest.approx(math.degrees(math.acos(abs(b @ t))))
+
+
+def test_frame_rotation_is_the_physics_of_a_rotated_head():
+    """The field of a head in an oblique B0, rotated into the frame, equals the axial-B0 field of the rotated
+    head: the dipole model is rotation-covariant, so the network sees a field it was trained on."""
+    shape, vs = (40, 40, 40), (1.0, 1.0, 1.0)
+    chi, mask = _blob_chi(shape)
+    b = tilted_b0_dir(30)
+    field = DipoleOperator(vs, b).A(chi)
+    frame = make_frame(shape, vs, b, train_b0_dir=(0, 0, 1), train_voxel_size=vs)
+    assert frame is not None and frame.rotated and frame.angle_deg == pytest.approx(30, abs=1e-6)
+    rot = frame.forward({"field": field, "chi": chi, "mask": mask})
+    expected = DipoleOperator(frame.out_voxel_size, (0, 0, 1)).A(rot["chi"])
+    inner = ndimage.binary_erosion(rot["mask"] > 0.5, iterations=3)
+    err = np.linalg.norm((rot["field"] - expected)[inner]) / np.linalg.norm(expected[inner])
+    assert err < 0.1, err
+    # and the same comparison against the *unrotated* B0 is far off (the test can fail)
+    wrong = DipoleOperator(frame.out_voxel_size, b).A(rot["chi"])
+    assert np.linalg.norm((rot["field"] - wrong)[inner]) / np.linalg.norm(wrong[inner]) > 3 * err
+    back = frame.backward(rot["chi"])
+    core = ndimage.binary_erosion(mask, iterations=3)
+    assert np.linalg.norm((back - chi)[core]) / np.linalg.norm(chi[core]) < 0.05
+
+
+def test_frame_only_when_geometry_differs():
+    shape = (20, 22, 18)
+    assert make_frame(shape, (1, 1, 1), tilted_b0_dir(0.5), (0, 0, 1), (1, 1, 1)) is None
+    assert make_frame(shape, (1.2, 1, 1), (0, 0, -1), (0, 0, 1), (1, 1, 1)) is None  # 20 %, sign of B0
+    assert make_frame(shape, (1, 1, 1), tilted_b0_dir(20), (np.nan,) * 3, (1, 1, 1)) is None  # mixed training
+    f = make_frame(shape, (1.5, 1.5, 1.5), (0, 0, 1), (0, 0, 1), (1, 1, 1))
+    assert f.resampled and not f.rotated
+    assert f.out_shape == tuple(int(np.ceil((n - 1) * 1.5)) + 1 for n in shape)
+
+
+def test_robust_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.02, 200_000)
+    assert robust_std(x) == pytest.approx(0.02, rel=0.02)
+    x[:2000] = 5.0  # 1 % veins/haemorrhage: the MAD hardly moves, the std would triple
+    assert robust_std(x) == pytest.approx(0.02, rel=0.05)
+    assert np.allclose(common_b0_dir([(0, 0, 1), (0, 0, -1), (0, 1e-3, 1)]), (0, 0, 1), atol=1e-3)
+    assert np.all(np.isnan(common_b0_dir([(0, 0, 1), tilted_b0_dir(15)])))
+
+
+def test_normalise_magnitude_is_per_sample_and_robust():
+    mag = torch.rand(2, 1, 10, 10, 10) * torch.tensor([1.0, 50.0]).view(2, 1, 1, 1, 1)
+    mag[1, 0, 0, 0, 0] = 1e4  # one bright voxel does not set the scale
+    n = normalise_magnitude(mag)
+    q = torch.quantile(n.flatten(1), 0.5, dim=1)
+    assert torch.allclose(q, torch.full((2,), 0.5), atol=0.08)
+
+
+# -- normalisation, evaluation and checkpoints -----------------------------------------------------------
+
+def test_scale_equivariance_of_the_normalisation():
+    """field_scale enters as field / s and chi * s: scaling the field and the scale by k scales chi by k."""
+    torch.manual_seed(0)
+    a = UQSM(width=4, depth=2, field_scale=0.01).eval()
+    b = UQSM(width=4, depth=2, field_scale=0.03).eval()
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k != "field_scale"}, strict=False)
+    f = torch.randn(1, 1, 16, 16, 16) * 0.01
+    m = torch.ones_like(f)
+    with torch.no_grad():
+        ya, yb = a({"field": f, "mask": m})["chi"], b({"field": 3 * f, "mask": m})["chi"]
+    assert torch.allclose(yb, 3 * ya, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(ya, torch.zeros_like(ya))
+
+
+def test_fit_logs_full_volume_metrics_and_checkpoint_keeps_normalisation(tiny_manifest, tmp_path):
+    torch.manual_seed(0)
+    dm = tiny_datamodule(tiny_manifest)
+    model = UQSM(width=4, depth=2, loss=UQSMLoss(lambda_tv=1e-3), lr=3e-3)
+    trainer = tiny_trainer(tmp_path, max_steps=4)
+    trainer.fit(model, dm)
+    # statistics from the datamodule's training rows, not from a batch
+    assert 1e-4 < float(model.field_scale) < 1.0
+    assert torch.allclose(model.train_b0_dir, torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(model.train_voxel_size, torch.tensor([2.0, 2.0, 2.0]))
+    logged = trainer.callback_metrics
+    for k in ("train/loss", "train/loss_dc", "train/loss_tv", "val/nrmse", "val/psnr", "val/hfen", "val/ssim",
+              "val/nrmse_demeaned", "val/dc", "val/loss"):
+        assert k in logged and torch.isfinite(logged[k]), k
+    # the logged validation metrics are the foundation's metrics of the full validation volume
+    batch = next(iter(dm.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        chi = model.predict_batch(batch)["chi"][0, 0].numpy()
+    ref = batch.chi[0, 0].numpy()
+    mask = batch.mask[0, 0].numpy() > 0.5
+    assert chi.shape == ref.shape and np.all(chi[~mask] == 0)
+    expected = compute_all(chi, ref, mask)
+    for k in ("nrmse", "psnr", "hfen", "ssim"):
+        assert float(logged[f"val/{k}"]) == pytest.approx(expected[k], rel=1e-3, abs=1e-3), k
+    # slice images went to the CSV logger's folder, once for the one validation
+    pngs = list((tmp_path / "logs").rglob("images/*.png"))
+    assert len(pngs) == 1
+    # checkpoint: hyper-parameters plain, normalisation restored, identical predictions
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["qsmlab"]["method"] == "uqsm" and ck["hyper_parameters"]["loss"]["lambda_tv"] == 1e-3
+    re = load_method(path)
+    assert isinstance(re, UQSM) and not re.training
+    assert float(re.field_scale) == float(model.field_scale)
+    assert re.loss_fn.lambda_tv == pytest.approx(1e-3)
+    with torch.no_grad():
+        assert np.allclose(re.predict_batch(batch)["chi"][0, 0].numpy(), chi, atol=1e-7)
+
+
+def test_loss_weights_by_dotted_key_jsonargparse_and_lightningcli(tiny_manifest, tmp_path, monkeypatch, capsys):
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.cli import LightningCLI
+
+    from qsmlab.data.datamodule import QSMDataModule
+    from qsmlab.methods import QSMMethod
+
+    monkeypatch.setattr("sys.argv", ["qsmlab"])
+    p = ArgumentParser()
+    p.add_class_arguments(UQSM, "model")
+    cfg = p.parse_args(["--model.loss.lambda_tv", "3e-3", "--model.loss.dc", "weighted", "--model.width", "4",
+                        "--model.depth", "2", "--model.lr", "2e-3"])
+    m = p.instantiate(cfg).model
+    assert m.loss_fn.lambda_tv == pytest.approx(3e-3) and m.loss_fn.terms["dc"].kind == "weighted"
+    assert m.hparams.lr == 2e-3 and m.hparams.loss["lambda_tv"] == 3e-3
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "use_distributed_sampler": False, "default_root_dir": str(tmp_path)},
+        "model": {"class_path": "qsmlab.methods.UQSM",
+                  "init_args": {"width": 4, "depth": 2, "loss": {"lambda_tv": 5e-4, "dc": "linear"}}},
+        "data": {"manifest": str(tiny_manifest), "patch_size": 16, "val_subjects": [VAL_SUBJECT]},
+    }
+    cli = LightningCLI(QSMMethod, QSMDataModule, subclass_mode_model=True, args=config, run=False,
+                       save_config_callback=None)
+    assert isinstance(cli.model, UQSM) and cli.model.loss_fn.lambda_tv == pytest.approx(5e-4)
+    with pytest.raises(SystemExit):  # a key no model accepts: jsonargparse names it
+        bad = {**config, "model": {"class_path": "qsmlab.methods.UQSM", "init_args": {"lamda_tv": 1.0}}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            LightningCLI(QSMMethod, QSMDataModule, subclass_mode_model=True, args=bad, run=False,
+                         save_config_callback=None)
+    assert "'lamda_tv' is not accepted" in capsys.readouterr().err
+
+
+def test_sliding_windows_for_large_volumes():
+    torch.manual_seed(0)
+    m = UQSM(width=4, depth=2, field_scale=0.01, max_inference_voxels=16**3, sw_roi_size=16).eval()
+    chi, mask = _blob_chi((28, 36, 20), seed=3)
+    field = DipoleOperator().A(chi) * mask
+    images = {"field": torch.from_numpy(field).float()[None, None], "mask": torch.from_numpy(mask).float()[None, None]}
+    assert m._needs_windows((28, 36, 20))
+    with torch.no_grad():
+        tiled = m(images)["chi"]
+        m.hparams.max_inference_voxels = 10**9
+        whole = m(images)["chi"]
+    assert tiled.shape == whole.shape == (1, 1, 28, 36, 20)
+    # Gaussian-blended windows approximate the whole-volume pass (BN in eval mode, receptive field 16^3)
+    c = np.corrcoef(tiled.flatten().numpy(), whole.flatten().numpy())[0, 1]
+    assert c > 0.9, c
+
+
+def test_oblique_volume_is_reoriented_with_a_warning():
+    torch.manual_seed(0)
+    m = UQSM(width=4, depth=2, field_scale=0.01).eval()
+    m.set_statistics(0.01, (0, 0, 1), (1, 1, 1))
+    chi, mask = _blob_chi((24, 24, 24), seed=1)
+    b = tilted_b0_dir(25)
+    field = DipoleOperator((1, 1, 1), b).A(chi) * mask
+    with pytest.warns(UserWarning, match="25.0 deg from the training direction"):
+        out = m.infer_arrays({"field": field, "mask": mask.astype(np.float32)}, (1, 1, 1), b)["chi"]
+    assert out.shape == (24, 24, 24) and np.all(out[~mask] == 0) and np.any(out[mask] != 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # axial: no frame, no warning
+        m.infer_arrays({"field": field, "mask": mask.astype(np.float32)}, (1, 1, 1), (0, 0, 1))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step", "exponential", "none"])
+def test_schedulers(kind):
+    m = UQSM(width=4, depth=2, scheduler=kind, scheduler_step_size=10, scheduler_gamma=0.5)
+    out = m.configure_optimizers()
+    opt = out if isinstance(out, torch.optim.Optimizer) else out["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    if kind != "none":
+        assert out["lr_scheduler"]["interval"] == "step"
+
+
+def test_bad_arguments_are_one_line_errors():
+    from qsmlab.errors import QSMInputError
+
+    with pytest.raises(QSMInputError, match="model.scheduler"):
+        UQSM(scheduler="linear")
+    with pytest.raises(QSMInputError, match="UQSMLoss: unknown key"):
+        UQSM(loss={"lambda_tvv": 1.0})
+    with pytest.raises(QSMInputError, match="model.loss.dc"):
+        UQSM(loss={"dc": "quadratic"})
+    with pytest.raises(QSMInputError, match="field_scale is not set"):
+        UQSM(width=4, depth=2)({"field": torch.zeros(1, 1, 8, 8, 8), "mask": torch.ones(1, 1, 8, 8, 8)})
