@@ -200,6 +200,20 @@ def test_inplace_inference_path_equals_autograd_path(norm, upsample):
     torch.testing.assert_close(fast, ref.detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_pedqnet_lean_inference_equals_monai_forward():
+    """The memory-lean no-grad path walks DynUNet's own modules: it must be MONAI's function exactly."""
+    torch.manual_seed(0)
+    model = PedQNetRecon(filters=(4, 8, 16, 32))
+    x = _x((16, 24, 8), 2, batch=2, seed=3)
+    for mode in (model.train, model.eval):  # instance norm: the same statistics in both modes
+        mode()
+        ref = model.net(x)  # MONAI's forward, autograd on
+        with torch.inference_mode():
+            lean = model(x)
+        assert lean.is_contiguous()
+        torch.testing.assert_close(lean, ref.detach(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("upsample", ["nearest", "transposed"])
 def test_training_backward_reaches_every_parameter(upsample):
     torch.manual_seed(0)

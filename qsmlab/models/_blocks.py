@@ -61,6 +61,29 @@ def make_norm(kind: str, channels: int) -> nn.Module | None:
     return None
 
 
+def norm_inplace(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``norm(y)`` computed in place on ``y`` where that is exact (no autograd: callers check).
+
+    Eval-mode BatchNorm with running statistics is ``y * s + t`` per channel; InstanceNorm without running
+    statistics normalises each (sample, channel) by its own mean and biased variance, then applies the
+    affine map. Anything else falls back to ``norm(y)``.
+    """
+    shape = (1, -1, 1, 1, 1)
+    if isinstance(norm, nn.BatchNorm3d) and not norm.training and norm.track_running_stats:
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+        return y.mul_(scale.view(shape)).add_(shift.view(shape))
+    if isinstance(norm, nn.InstanceNorm3d) and not norm.track_running_stats:
+        var, mean = torch.var_mean(y, dim=(2, 3, 4), keepdim=True, correction=0)
+        y.sub_(mean).mul_(torch.rsqrt(var + norm.eps))
+        if norm.affine:
+            y.mul_(norm.weight.view(shape)).add_(norm.bias.view(shape))
+        return y
+    return norm(y)
+
+
 class ConvNormAct(nn.Module):
     """``act(norm(conv(x)))`` with a ``k³`` convolution, 'same' zero padding, stride 1.
 
@@ -81,22 +104,10 @@ class ConvNormAct(nn.Module):
                               bias=norm == "none")
         self.norm = make_norm(norm, out_channels)
 
-    def _norm_inplace(self, y: torch.Tensor) -> torch.Tensor:
-        n = self.norm
-        shape = (1, -1, 1, 1, 1)
-        if isinstance(n, nn.BatchNorm3d) and not n.training and n.track_running_stats:
-            scale = n.weight * torch.rsqrt(n.running_var + n.eps)
-            return y.mul_(scale.view(shape)).add_((n.bias - n.running_mean * scale).view(shape))
-        if isinstance(n, nn.InstanceNorm3d):
-            var, mean = torch.var_mean(y, dim=(2, 3, 4), keepdim=True, correction=0)
-            y.sub_(mean).mul_(torch.rsqrt(var + n.eps))
-            return y.mul_(n.weight.view(shape)).add_(n.bias.view(shape))
-        return n(y)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         if self.norm is not None:
-            y = self._norm_inplace(y) if not torch.is_grad_enabled() else self.norm(y)
+            y = norm_inplace(self.norm, y) if not torch.is_grad_enabled() else self.norm(y)
         if self.activation == "relu":
             return F.relu(y, inplace=True)
         return F.leaky_relu(y, self.negative_slope, inplace=True)

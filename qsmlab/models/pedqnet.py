@@ -5,6 +5,9 @@
   stride-2 convolutions, transposed-convolution up path with skip concatenations, 1³ output.
   ``[B, in_channels, X, Y, Z]`` (field, mask) -> ``[B, out_channels, X, Y, Z]`` (chi);
   ``size_multiple = 2**(len(filters) - 1)``.
+  Without autograd (full-volume inference) the forward walks the DynUNet's own modules with in-place
+  normalisation, channels-last maps and a single concatenation buffer: about three full-resolution
+  maps at the widest point instead of MONAI's six (see :meth:`PedQNetRecon.forward`).
 - :class:`SubcorticalUNETR`: UNETR (Hatamizadeh et al., WACV 2022) segmenting subcortical nuclei on the
   reconstructed chi: ``[B, 1, *img_size]`` -> logits ``[B, num_classes, *img_size]``.
 - :class:`BrainMaskUNETR`: UNETR brain masking: magnitude ``[B, 1, *img_size]`` -> 2-class logits
@@ -20,11 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from monai.networks.nets import UNETR, DynUNet
 from torch import nn
 
 from qsmlab.errors import QSMInputError
-from qsmlab.models._blocks import check_input, check_positive_int
+from qsmlab.models._blocks import check_input, check_positive_int, norm_inplace
+from qsmlab.models.unet import CHANNELS_LAST
 
 _UNETR_PATCH = 16  # MONAI's UNETR uses a fixed 16³ patch embedding
 
@@ -67,8 +72,47 @@ class PedQNetRecon(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_channels, X, Y, Z] -> [B, out_channels, X, Y, Z]``. With autograd enabled this is
+        MONAI's ``DynUNet.forward``; without it, :meth:`_lean_forward`, the same function in less
+        memory (plain blocks only; residual blocks always take MONAI's path)."""
         check_input(self, x, self.in_channels)
-        return self.net(x)
+        if torch.is_grad_enabled() or self.net.conv_block is not UnetBasicBlock:
+            return self.net(x)
+        return self._lean_forward(x)
+
+    @staticmethod
+    def _block_steps(block: UnetBasicBlock):
+        """The layers of a MONAI ``UnetBasicBlock`` as in-place-friendly steps (conv, norm+act, ...)."""
+        for conv, norm in ((block.conv1, block.norm1), (block.conv2, block.norm2)):
+            yield conv
+            yield lambda y, norm=norm: block.lrelu(norm_inplace(norm, y))  # lrelu is in place
+
+    def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DynUNetSkipLayer order: input block and down-samplings keep their outputs as skips; the
+        # up blocks (deepest first) concatenate (transposed conv output, skip), in that order.
+        net = self.net
+        x = x.contiguous(memory_format=CHANNELS_LAST)
+        skips = []
+        for block in [net.input_block, *net.downsamples]:
+            for step in self._block_steps(block):
+                x = step(x)
+            skips.append(x)
+        for step in self._block_steps(net.bottleneck):
+            x = step(x)
+        for up in net.upsamples:
+            skip = skips.pop()
+            b, cs = skip.shape[:2]
+            cu = up.transp_conv.conv.out_channels
+            buf = torch.empty((b, cu + cs, *skip.shape[2:]), dtype=skip.dtype, device=skip.device,
+                              memory_format=CHANNELS_LAST)
+            buf[:, cu:].copy_(skip)
+            del skip  # the buffer holds it now; the up-sampled map is written next to it
+            buf[:, :cu].copy_(up.transp_conv(x))
+            x = buf
+            del buf
+            for step in self._block_steps(up.conv_block):
+                x = step(x)
+        return net.output_block(x).contiguous()
 
 
 def _img_size(img_size, option: str = "img_size") -> tuple[int, int, int]:
