@@ -6,11 +6,26 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXP    ?= uqsm_tv
 PYTEST_ARGS ?= -m "not slow"
+QSMLAB := $(VENV)/bin/qsmlab
+# extra arguments per target, e.g. make sweep EXP=uqsm_tv SWEEP_ARGS="--workers 1 --n-trials 4"
+SWEEP_ARGS ?=
+FIT_ARGS ?=
+LOOCV_ARGS ?=
+MANIFEST ?=
+RUNS ?= $(wildcard runs/*)
+REPORT ?= reports/latest
+STUDY ?= $(EXP)
+STORAGE ?=
+PORT ?= 8080
 
-.PHONY: venv test test-all lint bench sweep fit loocv clean help
+.PHONY: venv test test-all lint bench sweep fit loocv compare dashboard clean help
 
 help:
-	@echo "make sweep EXP=uqsm_tv   tune an experiment with Optuna (not built yet)"
+	@echo "make sweep EXP=uqsm_tv   Optuna study of sweeps/EXP.yaml (W&B run per trial, report in runs/EXP/)"
+	@echo "make fit EXP=uqsm_tv     train experiments/EXP.yaml (quick profile; FIT_ARGS='--profile full ...')"
+	@echo "make loocv EXP=uqsm_tv MANIFEST=m.csv   leave-one-subject-out batch with TKD/TV baselines"
+	@echo "make compare [RUNS='runs/a runs/b'] [REPORT=dir]   tables and figures from the CSV logs"
+	@echo "make dashboard [STUDY=uqsm_tv] [STORAGE=url]        optuna-dashboard on localhost:$(PORT)"
 	@echo "make test                fast test suite (creates .venv if missing)"
 	@echo "make test-all            every test, slow ones included"
 	@echo "make lint                ruff"
@@ -39,13 +54,22 @@ bench: $(STAMP)
 		echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 sweep: $(STAMP)
-	@echo "make sweep EXP=$(EXP): Optuna sweeps are not built yet (a later issue builds qsmlab sweep)." >&2; exit 2
+	$(QSMLAB) sweep sweeps/$(EXP).yaml $(SWEEP_ARGS)
 
 fit: $(STAMP)
-	@echo "make fit EXP=$(EXP): training is not built yet (a later issue builds the methods)." >&2; exit 2
+	$(QSMLAB) fit $(EXP) $(FIT_ARGS)
 
 loocv: $(STAMP)
-	@echo "make loocv EXP=$(EXP): leave-one-out runs are not built yet (a later issue builds them)." >&2; exit 2
+	@test -n "$(MANIFEST)" || { echo "make loocv EXP=$(EXP) MANIFEST=path/to/manifest.csv: leave-one-out needs a manifest with in-vivo subjects (synthetic rows never test)" >&2; exit 2; }
+	$(QSMLAB) loocv $(EXP) --manifest $(MANIFEST) $(LOOCV_ARGS)
+
+compare: $(STAMP)
+	@test -n "$(RUNS)" || { echo "make compare: no runs/ yet; run make fit or make sweep first, or give RUNS=..." >&2; exit 2; }
+	$(QSMLAB) compare $(RUNS) -o $(REPORT)
+
+dashboard: $(STAMP)
+	@$(PY) -c "import optuna_dashboard" 2>/dev/null || $(PY) -m pip install -q -e ".[dashboard]"
+	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),runs/$(STUDY)/journal.log) --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -220,3 +220,17 @@ def test_bad_input_fails_in_one_line_before_training(lab, capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and msg in err and detail in err, err
     assert not list(tmp_path.glob("runs/*/trials"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_ddp_spawn_trial_with_rdb_storage_reports_to_the_study(lab, tmp_path):
+    """devices=2 inside a trial: ddp_spawn on CPU (gloo), SQLite RDB storage, check_pruned() after fit."""
+    path = lab("d", n_trials=1, overrides={"trainer.devices": 2}, pruner={"name": "median"})
+    storage = f"sqlite:///{tmp_path / 'ddp.db'}"
+    run_sweep(path, storage=storage)
+    (t,) = _study("d", storage).trials
+    assert t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [0, 1]  # via check_pruned()
+    cfg = yaml.safe_load(Path(t.user_attrs["run_dir"], "config.yaml").read_text())
+    assert cfg["trainer"]["strategy"] == "ddp_spawn" and cfg["trainer"]["devices"] == 2
+    (r,) = find_runs(t.user_attrs["run_dir"])
+    assert r.exit_code == 0 and len(r.series("val/nrmse")) == 2

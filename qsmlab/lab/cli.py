@@ -55,8 +55,9 @@ class QSMLabCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | dict, run_dir: str | Path, loggers: Sequence | None = None,
-                 callbacks: Sequence[Callback] = (), **kwargs: Any):
+                 callbacks: Sequence[Callback] = (), dry_run: bool = False, **kwargs: Any):
         self.run_dir = Path(run_dir)
+        self.dry_run = dry_run  # parse and validate only (no model, data or trainer built)
         self._qsm_loggers = list(loggers or [])
         self._qsm_callbacks = list(callbacks)
         kwargs.setdefault("seed_everything_default", True)
@@ -70,6 +71,10 @@ class QSMLabCLI(LightningCLI):
                              trainer_defaults={"callbacks": []}, **kwargs)
         except argparse.ArgumentError as e:
             raise QSMInputError(f"config: {_one_line(str(e))}") from None
+
+    def instantiate_classes(self) -> None:
+        if not self.dry_run:
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self._get(self.config_init, "trainer", default={})
@@ -100,6 +105,22 @@ class QSMLabCLI(LightningCLI):
     def dump_config(self) -> str:
         """The full parsed config (class defaults included) as YAML."""
         return self.parser.dump(self.config, skip_none=False)
+
+
+def validate_config(config: dict, label: str = "config") -> None:
+    """Parse a resolved experiment config with LightningCLI without building anything: unknown keys and
+    wrong types fail here (one line) instead of in the first training run."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="qsmlab-check-") as d:
+        p = Path(d) / "experiment.yaml"
+        p.write_text(yaml.safe_dump({**dict(config), "seed_everything": False}, sort_keys=False))  # no seeding
+        try:
+            QSMLabCLI(args=["--config", str(p)], run_dir=d, dry_run=True, seed_everything_default=False)
+        except QSMInputError as e:
+            raise QSMInputError(f"{label}: {str(e).removeprefix('config: ')}") from None
 
 
 def _one_line(text: str) -> str:

@@ -25,6 +25,10 @@ def trials_frame(study) -> pd.DataFrame:
         r.update(t.user_attrs.get("metrics", {}))
         r["seconds"] = t.user_attrs.get("seconds")
         r["fit_seconds"] = t.user_attrs.get("fit_seconds")
+        r["cpu_seconds"] = t.user_attrs.get("cpu_seconds")
+        r["wall_seconds"] = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        r["worker"] = t.user_attrs.get("qsmlab.worker")
         r["last_intermediate"] = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         r["error"] = t.user_attrs.get("error")
         r["retry_of"] = t.user_attrs.get("qsmlab.retry_of")
@@ -107,7 +111,7 @@ def report_markdown(rep: dict, spec) -> str:
                 lines.append(f"- `{p}`: the optimum is {'interior (finished trials on both sides)' if inside else 'at the edge of the sampled range: widen the search or add trials'}.")
         lines += ["", "![objective vs parameters](objective_vs_params.png)", "", "![history](history.png)", ""]
     cols = ["number", "state", "value"] + [f"params.{p}" for p in spec.search_space] + \
-           [c for c in frame.columns if c.startswith("val/")] + ["seconds", "error"]
+           [c for c in frame.columns if c.startswith("val/")] + ["wall_seconds", "cpu_seconds", "error"]
     if len(frame):
         lines += ["## All trials", "", markdown_table(frame[[c for c in cols if c in frame.columns]]), ""]
     return "\n".join(lines)

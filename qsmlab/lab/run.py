@@ -33,8 +33,9 @@ class RunResult:
     status: str  # finished | failed | pruned
     metrics: dict[str, float] = field(default_factory=dict)
     seed: Any = None
-    seconds: float = 0.0
-    fit_seconds: float = 0.0
+    seconds: float = 0.0  # wall clock of the whole run (config, provenance, fit, predictions, logs)
+    fit_seconds: float = 0.0  # wall clock of trainer.fit/validate/... alone
+    cpu_seconds: float = 0.0  # CPU time of this process over the run (all its threads)
     predictions: list[Path] = field(default_factory=list)
 
 
@@ -141,7 +142,7 @@ def execute(subcommand: str, config: Mapping[str, Any], run_dir: str | Path, *,
     """
     from qsmlab.lab.cli import QSMLabCLI
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,8 +205,10 @@ def execute(subcommand: str, config: Mapping[str, Any], run_dir: str | Path, *,
     finally:
         result.status = status
         result.seconds = time.perf_counter() - t0
+        result.cpu_seconds = time.process_time() - c0
         info.update(status=status, ended=P.now_iso(), seconds=round(result.seconds, 2),
-                    fit_seconds=round(result.fit_seconds, 2), metrics=result.metrics,
+                    fit_seconds=round(result.fit_seconds, 2), cpu_seconds=round(result.cpu_seconds, 2),
+                    metrics=result.metrics,
                     predictions=[str(p) for p in result.predictions])
         P.write_json(run_dir / "run_info.json", info)
         for lg in lgs:

@@ -217,6 +217,7 @@ class TrialObjective:
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("fit_seconds", round(result.fit_seconds, 2))
+        trial.set_user_attr("cpu_seconds", round(result.cpu_seconds, 2))
         if spec.metric not in result.metrics:
             msg = (f"objective metric {spec.metric!r} was not logged by the model; logged: "
                    f"{', '.join(sorted(result.metrics)) or 'nothing (no validation data?)'}")
@@ -243,7 +244,9 @@ def progress_line(study, t, metric: str) -> str:
     except ValueError:
         best = "best -"
     secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
-    return f"[{study.study_name}] trial {t.number:3d} {t.state.name:8s} {params}  {what}  {best}  [{secs:.0f} s]"
+    cpu = t.user_attrs.get("cpu_seconds")
+    took = f"{secs:.0f} s" + (f", CPU {cpu:.0f} s" if cpu is not None else "")
+    return f"[{study.study_name}] trial {t.number:3d} {t.state.name:8s} {params}  {what}  {best}  [{took}]"
 
 
 # -- workers --------------------------------------------------------------------------------------------------
@@ -364,9 +367,15 @@ def run_sweep(sweep: str | Path, *, storage: str | None = None, n_trials: int | 
         _spawn_workers(spec, url, sdir, deadline)
     s = optuna.load_study(study_name=spec.study, storage=st)
     rep = write_report(s, spec, sdir)
+    wall = time.time() - t0
     if not quiet:
         print_best(rep, spec)
-    return SweepOutcome(spec.study, sdir, url, time.time() - t0, rep)
+        fr = rep["trials"]
+        if len(fr) and "cpu_seconds" in fr and fr["cpu_seconds"].notna().any():
+            per_worker = fr.groupby("worker")["cpu_seconds"].sum()
+            print(f"[{spec.study}] wall {wall:.0f} s for this invocation; trial CPU time per worker process: "
+                  + ", ".join(f"{v:.0f} s" for v in per_worker) + f" (load average {os.getloadavg()[0]:.1f})")
+    return SweepOutcome(spec.study, sdir, url, wall, rep)
 
 
 def _spawn_workers(spec: SweepSpec, url: str, sdir: Path, deadline: float | None) -> None:

@@ -45,19 +45,27 @@ SAMPLERS = ("tpe", "random", "qmc")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "none")
 
 
+#: Validation values the methods log besides the metrics of :data:`qsmlab.metrics.TORCH_METRICS`
+#: (``qsmlab.methods.base``: data consistency ``val/dc`` in %, ``val/loss``; PedQ-NET: ``val/dice``;
+#: NeXtQSM: ``val/nrmse_local_field``), with the direction that is better.
+EXTRA_METRICS = {"val/dc": "minimize", "val/loss": "minimize", "val/dice": "maximize",
+                 "val/nrmse_local_field": "minimize", "train/loss": "minimize"}
+
+
 def logged_metrics() -> list[str]:
-    """Metrics every qsmlab method logs: ``val/<metric>`` for each of :data:`qsmlab.metrics.TORCH_METRICS`
-    (full-volume validation) and ``train/loss``."""
+    """Metrics qsmlab methods log once per validation (full volumes): ``val/<metric>`` for each of
+    :data:`qsmlab.metrics.TORCH_METRICS`, then :data:`EXTRA_METRICS`."""
     from qsmlab.metrics import TORCH_METRICS
 
-    return [f"val/{m}" for m in TORCH_METRICS] + ["train/loss"]
+    return [f"val/{m}" for m in TORCH_METRICS] + list(EXTRA_METRICS)
 
 
 def metric_direction(metric: str) -> str:
     from qsmlab.metrics import METRIC_INFO
 
-    name = metric.split("/", 1)[-1]
-    info = METRIC_INFO.get(name)
+    if metric in EXTRA_METRICS:
+        return EXTRA_METRICS[metric]
+    info = METRIC_INFO.get(metric.split("/", 1)[-1])
     return "maximize" if info is not None and info.higher_is_better else "minimize"
 
 
@@ -102,7 +110,12 @@ class SweepSpec:
 
     def base_config(self, manifest: bool = True) -> dict:
         """The resolved experiment config with the sweep's overrides (trial parameters not yet set)."""
-        return C.load_experiment(self.experiment, self.profile, overrides=self.overrides, manifest=manifest)
+        cfg = C.load_experiment(self.experiment, self.profile)
+        for k, v in self.overrides.items():
+            C.set_dotted(cfg, k, v, create=True)
+        if manifest:
+            C.resolve_manifest(cfg)
+        return cfg
 
 
 def _err(path: Path, msg: str) -> QSMInputError:
@@ -218,8 +231,8 @@ def check_against_config(spec: SweepSpec) -> dict:
     except QSMInputError as e:
         raise _err(spec.path, str(e)) from None
     for key, value in spec.overrides.items():
-        try:
-            C.set_dotted(cfg, key, value)
+        try:  # an override may set a class default the YAML leaves out; LightningCLI checks it below
+            C.set_dotted(cfg, key, value, create=True)
         except QSMInputError as e:
             raise _err(spec.path, f"overrides: {e}") from None
     for key in spec.search_space:
@@ -229,6 +242,9 @@ def check_against_config(spec: SweepSpec) -> dict:
             hint = C.closest_key(cfg, key)
             raise _err(spec.path, f"search_space key {key!r} does not exist in the resolved config of "
                                   f"{Path(spec.experiment).stem}" + (f" (closest: {hint!r})" if hint else "")) from None
+    from qsmlab.lab.cli import validate_config
+
+    validate_config(cfg, label=f"{spec.path}: experiment {Path(spec.experiment).stem} with the sweep's overrides")
     return cfg
 
 
