@@ -7,6 +7,9 @@ its hyper-parameters the constructor arguments, its buffers the normalisation st
 
 - :class:`UQSM`, :class:`UQSMDIP` (``uqsm``, ``uqsm_dip``): self-supervised, physics losses only.
 - :class:`QSMnet`, :class:`QSMnetPlus` (``qsmnet``, ``qsmnet_plus``): supervised on chi.
+- :class:`NeXtQSM` (``nextqsm``): total field -> local field -> chi, supervised end to end.
+- :class:`PedQNet`, :class:`BrainMaskNet` (``pedqnet``, ``brainmask``): self-supervised reconstruction +
+  subcortical segmentation; magnitude -> brain mask.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from qsmlab.errors import QSMInputError
 from qsmlab.methods.base import QSMMethod
 from qsmlab.methods.dip import UQSMDIP
+from qsmlab.methods.nextqsm import NeXtQSM, NeXtQSMLoss
+from qsmlab.methods.pedqnet import BrainMaskNet, PedQNet, PedQNetLoss
 from qsmlab.methods.qsmnet import QSMnet, QSMnetLoss, QSMnetPlus, QSMnetPlusLoss
 from qsmlab.methods.uqsm import UQSM, UQSMLoss
 
@@ -25,6 +30,9 @@ METHODS: dict[str, str] = {
     "uqsm_dip": "qsmlab.methods.dip.UQSMDIP",
     "qsmnet": "qsmlab.methods.qsmnet.QSMnet",
     "qsmnet_plus": "qsmlab.methods.qsmnet.QSMnetPlus",
+    "nextqsm": "qsmlab.methods.nextqsm.NeXtQSM",
+    "pedqnet": "qsmlab.methods.pedqnet.PedQNet",
+    "brainmask": "qsmlab.methods.pedqnet.BrainMaskNet",
 }
 
 
@@ -95,6 +103,7 @@ def load_method(path: str | Path, method: str | None = None, map_location: str =
 
 
 __all__ = [
-    "METHODS", "QSMMethod", "QSMnet", "QSMnetLoss", "QSMnetPlus", "QSMnetPlusLoss", "UQSM", "UQSMDIP", "UQSMLoss",
+    "METHODS", "BrainMaskNet", "NeXtQSM", "NeXtQSMLoss", "PedQNet", "PedQNetLoss", "QSMMethod", "QSMnet",
+    "QSMnetLoss", "QSMnetPlus", "QSMnetPlusLoss", "UQSM", "UQSMDIP", "UQSMLoss",
     "get_method", "load_method", "method_names", "read_checkpoint_info",
 ]

@@ -1,0 +1,183 @@
+"""NeXtQSM method: end-to-end training on hybrid data (total field -> local field -> chi), checkpoint
+round trip with its normalisation, ``qsmlab predict`` (from the total or a local field), the background
+net alone, and the variational network's physics (each scan's own B0 and voxel size)."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from qsmlab.cli import main as cli_main
+from qsmlab.data.datamodule import QSMDataModule
+from qsmlab.data.manifest import load_manifest
+from qsmlab.data.recipe import ensure_dataset
+from qsmlab.errors import QSMInputError
+from qsmlab.methods import NeXtQSM, load_method
+from qsmlab.methods.nextqsm import background_from_checkpoint
+from qsmlab.methods.predict import predict_volume
+from qsmlab.methods.statistics import masked_sample, robust_std
+from qsmlab.physics import DipoleOperator
+
+# Two MNI anatomical subjects at 5 mm (38 x 45 x 40) and one random-shape phantom: hybrid data with
+# total fields, chi and seg labels; generated once and cached by recipe hash (~15 s).
+TINY_RECIPE = {
+    "name": "methods-tiny", "seed": 11, "te": [0.004, 0.008], "snr": 100,
+    "subjects": [
+        {"kind": "anatomical", "count": 2, "voxel_size": [5.0, 5.0, 5.0], "veins": [1, 2]},
+        {"kind": "shapes", "count": 1, "shape": [24, 24, 24], "voxel_size": [5.0, 5.0, 5.0]},
+    ],
+}
+TINY_NET = dict(bg_width=4, bg_depth=2, steps=2, reg_width=4, reg_depth=1, log_images=False)
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return ensure_dataset(TINY_RECIPE)
+
+
+def _load(path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def _trainer(root, steps: int = 3) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     use_distributed_sampler=False, val_check_interval=steps, check_val_every_n_epoch=None,
+                     default_root_dir=str(root))
+
+
+@pytest.fixture(scope="module")
+def trained(manifest, tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("nextqsm")
+    dm = QSMDataModule(str(manifest), patch_size=16, samples_per_volume=2, queue_length=4, batch_size=2,
+                       val_subjects=["anat002"], seed=0)
+    model = NeXtQSM(**TINY_NET)
+    trainer = _trainer(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, dm)
+    ckpt = root / "nextqsm.ckpt"
+    trainer.save_checkpoint(ckpt)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return model.eval(), ckpt, metrics, dm
+
+
+def test_trains_on_both_outputs_and_reloads_with_its_normalisation(trained, manifest):
+    model, ckpt, metrics, dm = trained
+    for key in ("train/loss_field", "train/loss_chi", "val/nrmse", "val/psnr", "val/nrmse_local_field"):
+        assert np.isfinite(metrics[key]), key
+    assert "train/loss_dc" not in metrics  # lambda_dc = 0: the term is not computed
+    # the scales are the robust std of the training fields (local and total) inside the masks
+    rows = dm.rows["train"]
+    local = np.concatenate([masked_sample(_load(r.field)[0], _load(r.mask)[0]) for r in rows])
+    total = np.concatenate([masked_sample(_load(r.total_field)[0], _load(r.mask)[0]) for r in rows])
+    assert float(model.field_scale) == pytest.approx(robust_std(local), rel=1e-5)
+    assert float(model.total_field_scale) == pytest.approx(robust_std(total), rel=1e-5)
+    assert float(model.total_field_scale) > 5 * float(model.field_scale)  # why the total field has its own
+
+    loaded = load_method(ckpt, method="nextqsm")
+    assert isinstance(loaded, NeXtQSM)
+    assert float(loaded.total_field_scale) == float(model.total_field_scale)
+    assert float(loaded.field_scale) == float(model.field_scale)
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    f, t, m = _load(row.field)[0], _load(row.total_field)[0], _load(row.mask)[0]
+    a = predict_volume(model, f, m, row.voxel_size, row.b0_dir, total_field=t)
+    b = predict_volume(loaded, f, m, row.voxel_size, row.b0_dir, total_field=t)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.abs(a).max() > 0 and np.all(a[m < 0.5] == 0)
+
+
+def test_predict_cli_from_total_or_local_field_keeps_input_geometry(trained, manifest, tmp_path):
+    _, ckpt, _, _ = trained
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    field, affine = _load(row.field)
+    mask = _load(row.mask)[0] > 0.5
+    outs = {}
+    for name, extra in (("total", ["--total-field", str(row.total_field)]), ("local", [])):
+        out = tmp_path / f"chi_{name}.nii.gz"
+        rc = cli_main(["predict", "--ckpt", str(ckpt), "--field", str(row.field), "--mask", str(row.mask),
+                       "--method", "nextqsm", "--quiet", "-o", str(out), *extra])
+        assert rc == 0
+        chi, aff = _load(out)
+        assert chi.shape == field.shape and np.allclose(aff, affine)
+        assert nib.load(str(out)).get_data_dtype() == np.float32
+        assert np.all(np.isfinite(chi)) and np.all(chi[~mask] == 0) and np.abs(chi[mask]).max() > 0
+        outs[name] = chi
+    # the total-field path runs the background net first, the local path skips it: different inputs
+    assert not np.allclose(outs["total"], outs["local"])
+
+
+def test_background_net_alone_is_the_chains_local_field(trained, manifest):
+    model, ckpt, _, _ = trained
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    f, t, m = _load(row.field)[0], _load(row.total_field)[0], _load(row.mask)[0]
+    local = background_from_checkpoint(ckpt, t, m, row.voxel_size, row.b0_dir)
+    chain = predict_volume(model, f, m, row.voxel_size, row.b0_dir, total_field=t, output="local_field")
+    assert local.shape == t.shape and np.all(local[m < 0.5] == 0)
+    np.testing.assert_allclose(local, chain, atol=1e-6)
+    # linear part of the normalisation: the output is in ppm, on the local field's scale, not the total's
+    assert np.abs(local[m > 0.5]).std() < np.abs(t[m > 0.5]).std()
+    with pytest.raises(QSMInputError, match="mask: grid"):
+        background_from_checkpoint(ckpt, t, m[:-1], row.voxel_size, row.b0_dir)
+
+
+def _ellipsoid(shape):
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    return ((g[0] / 0.8) ** 2 + (g[1] / 0.7) ** 2 + (g[2] / 0.75) ** 2 <= 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("b0, vs", [((0.3, 0.2, 0.93), (1.0, 1.2, 2.0)), ((0.0, 0.0, 1.0), (1.0, 1.0, 1.0))])
+def test_untrained_variational_net_is_projected_descent_in_the_scans_geometry(b0, vs):
+    """With its regulariser at zero (the initial output layer), the variational network is K steps of
+    chi <- M (chi - a_k A(M (A chi - f))) from chi = M f, with A the dipole operator of the scan's own
+    B0 and voxel size: computed here by hand from ``DipoleOperator``."""
+    torch.manual_seed(0)
+    model = NeXtQSM(**{**TINY_NET, "steps": 3, "init_step": 1.5}).eval()
+    b0 = np.asarray(b0) / np.linalg.norm(b0)
+    scale = 0.02
+    model.set_statistics(scale, b0_dir=b0, voxel_size=vs)
+    model.total_field_scale.fill_(1.0)
+    shape = (16, 20, 16)
+    m = _ellipsoid(shape)
+    rng = np.random.default_rng(0)
+    chi_true = (rng.normal(0, 0.05, shape) * m).astype(np.float32)
+    op = DipoleOperator(vs, b0, pad_factor=1.0)
+    f = (op.A(chi_true.astype(np.float64)) * m).astype(np.float32)
+
+    got = predict_volume(model, f, m, vs, b0)  # no total field: the variational network alone
+    alphas = torch.nn.functional.softplus(model.net.varnet.step_params).detach().numpy()
+    fn = f / scale
+    chi = fn * m
+    for a in alphas:
+        chi = m * (chi - a * op.A(m * (op.A(chi) - fn)))
+    np.testing.assert_allclose(got, chi * scale, atol=1e-5 * np.abs(chi * scale).max())
+    # and it is not the descent of another geometry (the test would pass if geometry were ignored)
+    other = DipoleOperator((1.0, 1.0, 1.0), (1.0, 0.0, 0.0), pad_factor=1.0)
+    chi_o = fn * m
+    for a in alphas:
+        chi_o = m * (chi_o - a * other.A(m * (other.A(chi_o) - fn)))
+    assert np.abs(got - chi_o * scale).max() > 0.05 * np.abs(got).max()
+    # data consistency improves over the initial chi = M f (what the steps are for)
+    res = lambda c: np.linalg.norm(m * (op.A(c.astype(np.float64)) - f))  # noqa: E731
+    assert res(got) < res(f * m)
+
+
+def test_bad_input_is_one_line_error(trained, manifest, tmp_path):
+    _, ckpt, _, _ = trained
+    with pytest.raises(QSMInputError, match="checkpoint of method 'nextqsm', not 'qsmnet'"):
+        load_method(ckpt, method="qsmnet")
+    with pytest.raises(QSMInputError, match="model.loss.lambda_chi"):
+        NeXtQSM(loss={"lambda_chi": -1.0})
+    with pytest.raises(QSMInputError, match=r"unknown key\(s\) \['lambda_tv'\]"):
+        NeXtQSM(loss={"lambda_tv": 1.0})
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    f, m = _load(row.field)[0], _load(row.mask)[0]
+    with pytest.raises(QSMInputError, match="total_field: grid"):
+        predict_volume(ckpt, f, m, row.voxel_size, row.b0_dir, total_field=f[:, :-1])
