@@ -28,8 +28,8 @@ is here:
   (:mod:`qsmlab.methods.inference`), with a warning. Metrics inside the mask through
   :class:`qsmlab.metrics.VolumeMetrics` (``val/psnr``, ``val/nrmse``, ``val/hfen``, ``val/ssim``,
   ``val/nrmse_demeaned``, ...), data consistency ``val/dc`` = ``100 ||M (D chi - f)|| / ||M f||`` (%) for
-  every volume, ``val/loss`` when the batch has what the loss needs; all torchmetrics states, so they
-  are summed over DDP ranks. Under DDP the (unsharded) validation volumes are dealt round-robin to the
+  every volume, ``val/loss`` when the batch has what the loss needs, ``val/n_volumes`` scored; all
+  torchmetrics states, so they are summed over DDP ranks. Under DDP the (unsharded) validation volumes are dealt round-robin to the
   ranks, so each is scored once. Orthogonal slices of the first validation volume are logged as an
   image once per validation (:mod:`qsmlab.methods.images`).
 - **Optimisation**: AdamW (``lr``, ``weight_decay``) and a scheduler stepped per optimiser step:
@@ -54,7 +54,8 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import physics_for_batch
@@ -188,6 +189,7 @@ class QSMMethod(L.LightningModule):
         self.test_metrics = VolumeMetrics(metrics)
         self.val_dc, self.test_dc = MeanMetric(), MeanMetric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_volumes, self.test_volumes = SumMetric(), SumMetric()
         self._warned: set[str] = set()
         self._image_logged_step = -1
 
@@ -243,6 +245,20 @@ class QSMMethod(L.LightningModule):
             self.train_b0_dir.copy_(torch.as_tensor(np.asarray(b0_dir, dtype=np.float32)))
         if voxel_size is not None:
             self.train_voxel_size.copy_(torch.as_tensor(np.asarray(voxel_size, dtype=np.float32)))
+
+    def setup(self, stage: str) -> None:
+        """Fresh metric states in every process of a multi-process run.
+
+        ``ddp_spawn`` pickles the module to each process through ``torch.multiprocessing``, which puts CPU
+        tensors in shared memory. Lightning un-shares parameters and buffers, but not the states of the
+        torchmetrics children, so on CPU every rank added into the *same* sums (each volume counted once
+        per rank; measured: 4 volumes logged for 2). ``reset`` gives each process its own tensors.
+        """
+        if self._trainer is None or int(self.trainer.world_size) <= 1:
+            return
+        for m in self.modules():
+            if isinstance(m, Metric):
+                m.reset()
 
     def on_fit_start(self) -> None:
         if math.isfinite(float(self.field_scale)) and torch.all(torch.isfinite(self.train_voxel_size)):
@@ -483,6 +499,7 @@ class QSMMethod(L.LightningModule):
         pred = self.predict_batch(batch)
         chi = pred[self.primary_output].float()
         physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+        getattr(self, f"{stage}_volumes").update(float(len(batch)))
         getattr(self, f"{stage}_dc").update(self.data_consistency(chi, batch, physics))
         if batch.chi is not None:
             getattr(self, f"{stage}_metrics").update(chi, batch.chi.float(), batch.mask)
@@ -495,7 +512,8 @@ class QSMMethod(L.LightningModule):
         values = {f"{stage}/{k}": v for k, v in getattr(self, f"{stage}_metrics").compute().items()}
         values[f"{stage}/dc"] = getattr(self, f"{stage}_dc").compute()
         values[f"{stage}/loss"] = getattr(self, f"{stage}_loss").compute()
-        for name in ("metrics", "dc", "loss"):
+        values[f"{stage}/n_volumes"] = getattr(self, f"{stage}_volumes").compute()
+        for name in ("metrics", "dc", "loss", "volumes"):
             getattr(self, f"{stage}_{name}").reset()
         # States are already summed over ranks (torchmetrics), so every rank holds the same values;
         # NaN means no volume had what the value needs (e.g. no reference chi).

@@ -108,7 +108,8 @@ class QSMnetPlus(QSMnet):
         super().on_fit_start()
         dm = getattr(self.trainer, "datamodule", None)
         augment = getattr(dm, "augment", None) or {}
-        if dm is not None and not augment.get("linearity"):
+        # {} means "on, with defaults" (qsmlab.data.transforms.build_augmentation); False/None mean off
+        if dm is not None and augment.get("linearity", None) in (None, False):
             warnings.warn("QSMnetPlus is training without the linearity augmentation (data.augment.linearity); "
                           "that is plain QSMnet with lambda_model=0.5", stacklevel=2)
 

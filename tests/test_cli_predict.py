@@ -1,0 +1,142 @@
+"""``qsmlab predict`` and ``qsmlab dip``: outputs in the input geometry, oblique/resampled inputs, and
+one-line errors for a wrong checkpoint, a missing file or a grid mismatch."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from _datasets import ellipsoid_mask, oblique_affine, smooth_chi
+from _methods import VAL_SUBJECT, run_cli, tiny_datamodule, tiny_dataset, tiny_trainer
+
+from qsmlab.data.manifest import load_manifest
+from qsmlab.data.nifti import save_nifti
+from qsmlab.methods import UQSM, QSMnet
+from qsmlab.methods.predict import predict_volume
+from qsmlab.physics import DipoleOperator, b0_dir_from_affine
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A uQSM and a QSMnet checkpoint, each trained two steps on the tiny dataset (2 mm, axial B0)."""
+    root = tmp_path_factory.mktemp("predict_ckpts")
+    manifest = tiny_dataset(tmp_path_factory.getbasetemp() / "methods_data")
+    out = {"manifest": manifest}
+    for name, model in (("uqsm", UQSM(width=4, depth=2)), ("qsmnet", QSMnet(width=4, depth=2, kernel_size=3))):
+        torch.manual_seed(0)
+        trainer = tiny_trainer(root / name, max_steps=2, logger=False, limit_val_batches=0)
+        trainer.fit(model, tiny_datamodule(manifest))
+        trainer.save_checkpoint(root / f"{name}.ckpt")
+        out[name] = root / f"{name}.ckpt"
+    return out
+
+
+def _scan(tmp_path, shape=(20, 22, 18), voxel_size=(2.0, 2.0, 2.0), tilt=0.0):
+    affine = oblique_affine(voxel_size, tilt)
+    mask = ellipsoid_mask(shape)
+    chi = smooth_chi(shape, 3) * mask
+    field = DipoleOperator(voxel_size, b0_dir_from_affine(affine)).A(chi) * mask
+    paths = {}
+    for name, arr in (("field", field), ("mask", mask), ("chi", chi), ("magnitude", np.where(mask, 1.0, 0.0))):
+        paths[name] = save_nifti(tmp_path / f"{name}.nii.gz", arr, affine=affine)
+    return paths, affine
+
+
+def test_predict_writes_chi_in_the_input_geometry(ckpts, tmp_path):
+    paths, affine = _scan(tmp_path)
+    out = tmp_path / "out" / "chi.nii.gz"
+    rc, stdout, err = run_cli(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(paths["field"]),
+                               "--mask", str(paths["mask"]), "-o", str(out)])
+    assert rc == 0, err
+    img = nib.load(str(out))
+    assert img.shape == (20, 22, 18) and np.allclose(img.affine, affine)
+    assert img.get_data_dtype() == np.float32
+    chi = np.asarray(img.dataobj)
+    mask = np.asarray(nib.load(str(paths["mask"])).dataobj) > 0.5
+    assert np.all(chi[~mask] == 0) and np.any(chi[mask] != 0) and np.all(np.isfinite(chi))
+    side = json.loads((tmp_path / "out" / "chi.json").read_text())
+    assert side["method"] == "uqsm" and side["units"] == "ppm" and side["B0_dir"] == pytest.approx([0, 0, 1])
+    # the command and the Python API (the pipeline's ckpt:PATH inversion) agree
+    f = np.asarray(nib.load(str(paths["field"])).dataobj)
+    api = predict_volume(ckpts["uqsm"], f, mask, voxel_size=(2, 2, 2), b0_dir=(0, 0, 1))
+    assert np.allclose(api, chi, atol=1e-6)
+
+
+def test_predict_oblique_b0_and_other_voxel_size_warn_and_keep_geometry(ckpts, tmp_path):
+    paths, affine = _scan(tmp_path, voxel_size=(1.0, 1.0, 1.0), tilt=30.0)
+    out = tmp_path / "chi_oblique.nii"
+    with pytest.warns(UserWarning) as rec:
+        rc, _, err = run_cli(["predict", "--ckpt", str(ckpts["qsmnet"]), "--field", str(paths["field"]),
+                              "--mask", str(paths["mask"]), "-o", str(out)])
+    assert rc == 0, err
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "30.0 deg from the training direction" in msgs and "resampled to it" in msgs
+    img = nib.load(str(out))
+    assert img.shape == (20, 22, 18) and np.allclose(img.affine, affine)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["B0_dir"] == pytest.approx(b0_dir_from_affine(affine).tolist())
+    assert side["train_voxel_size"] == pytest.approx([2, 2, 2])
+
+
+def test_dip_command(tmp_path):
+    paths, affine = _scan(tmp_path, shape=(16, 16, 16))
+    out = tmp_path / "dip.nii.gz"
+    rc, stdout, err = run_cli(["dip", "--field", str(paths["field"]), "--mask", str(paths["mask"]),
+                               "--magnitude", str(paths["magnitude"]), "--iterations", "3", "--depth", "2",
+                               "--width", "4", "--quiet", "-o", str(out)])
+    assert rc == 0, err
+    img = nib.load(str(out))
+    assert img.shape == (16, 16, 16) and np.allclose(img.affine, affine)
+    side = json.loads((tmp_path / "dip.json").read_text())
+    # no sidecar with echo time: the default data consistency is the weighted linear one
+    assert side["dc"] == "weighted" and side["fit"]["iterations"] == 3
+    rc, _, err = run_cli(["dip", "--field", str(paths["field"]), "--mask", str(paths["mask"]), "--dc",
+                          "nonlinear", "-o", str(out)])
+    assert rc == 2 and "needs phase_scale" in err and len(err.strip().splitlines()) == 1
+
+
+def _one_line_error(argv, *needles):
+    rc, _, err = run_cli(argv)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_are_one_line_errors(ckpts, tmp_path):
+    paths, _ = _scan(tmp_path)
+    base = ["predict", "--field", str(paths["field"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "o.nii")]
+    _one_line_error(base + ["--ckpt", str(tmp_path / "nope.ckpt")], "nope.ckpt", "file not found")
+    _one_line_error(base + ["--ckpt", str(ckpts["uqsm"]), "--method", "qsmnet"],
+                    "uqsm.ckpt", "checkpoint of method 'uqsm', not 'qsmnet'")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    _one_line_error(base + ["--ckpt", str(junk)], "junk.ckpt", "not a readable PyTorch checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, foreign)
+    _one_line_error(base + ["--ckpt", str(foreign)], "foreign.ckpt", "not a qsmlab method checkpoint")
+    other = save_nifti(tmp_path / "mask_small.nii.gz", np.ones((10, 10, 10)), affine=np.eye(4))
+    _one_line_error(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(paths["field"]), "--mask", str(other),
+                     "-o", str(tmp_path / "o.nii")], "mask_small.nii.gz", "grid shape")
+    _one_line_error(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(tmp_path / "missing.nii.gz"),
+                     "--mask", str(paths["mask"]), "-o", str(tmp_path / "o.nii")], "missing.nii.gz", "not found")
+    _one_line_error(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(paths["field"])], "--mask")
+
+
+def test_predict_on_a_training_subject_matches_validation_inference(ckpts):
+    """The file path and the Lightning evaluation path run the same full-volume inference."""
+    from qsmlab.methods import load_method
+
+    m = load_method(ckpts["uqsm"])
+    dm = tiny_datamodule(ckpts["manifest"])
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        via_batch = m.predict_batch(batch)["chi"][0, 0].numpy()
+    r = next(r for r in load_manifest(ckpts["manifest"]).rows if r.subject == VAL_SUBJECT)
+    field = np.asarray(nib.load(str(r.field)).dataobj)
+    mask = np.asarray(nib.load(str(r.mask)).dataobj)
+    via_file = predict_volume(m, field, mask, voxel_size=r.voxel_size, b0_dir=r.b0_dir)
+    assert np.allclose(via_file, via_batch, atol=1e-6)
