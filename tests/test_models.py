@@ -25,7 +25,7 @@ from qsmlab.models import (
     default_models,
     summary,
 )
-from qsmlab.models.unet import _concat_up
+from qsmlab.models.unet import fused_up_conv
 from qsmlab.physics import DipoleOperator, tilted_b0_dir
 
 torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def _unet_parameter_count(cin, cout, width, depth, k, convs, norm_params_per_cha
     total = sum(block(cin if lv == 0 else ch[lv - 1], ch[lv]) for lv in range(depth))
     total += block(cin if depth == 0 else ch[-2], ch[-1])
     up_k = 8 if up == "transposed" else 1
-    total += sum(ch[lv + 1] * ch[lv] * up_k + ch[lv] for lv in range(depth))
+    total += sum(ch[lv + 1] * ch[lv] * up_k for lv in range(depth))  # no bias on the up path
     total += sum(block(2 * ch[lv], ch[lv]) for lv in range(depth))
     return total + ch[0] * cout * out_k**3 + cout
 
@@ -154,14 +154,17 @@ def test_nearest_upsampling_has_no_checkerboard_on_constant_input(capsys):
     """Odena et al. 2016: a stride-2 transposed convolution gives each output parity its own weights, so a
     constant input comes out with a period-2 pattern; nearest upsampling + a shared conv cannot."""
     n, margin = 56, 24  # the zero-padded borders reach 23 voxels into a depth-2 net's output
-    x = torch.ones((1, 2, n, n, n), dtype=torch.float64)
+    inner = (0, 0, slice(margin, n - margin), slice(margin, n - margin), slice(margin, n - margin))
     fractions = {}
     for mode in ("nearest", "transposed"):
         torch.manual_seed(0)
-        model = UQSMNet(depth=2, width=4, upsample=mode).double().eval()
+        model = UQSMNet(depth=2, width=8, upsample=mode).double().eval()
         with torch.inference_mode():
-            y = model(x)[0, 0, margin:n - margin, margin:n - margin, margin:n - margin].numpy()
-        fractions[mode] = _nyquist_fraction(y)
+            y = model(torch.ones((1, 2, n, n, n), dtype=torch.float64))[inner]
+            y0 = model(torch.zeros((1, 2, n, n, n), dtype=torch.float64))[inner]
+        # the input reaches the output (a net whose ReLUs all die on this input would pass vacuously)
+        assert (y - y0).abs().min() > 1e-6
+        fractions[mode] = _nyquist_fraction(y.numpy())
     with capsys.disabled():
         print(f"\nNyquist energy fraction on a constant input: nearest {fractions['nearest']:.2e}, "
               f"transposed {fractions['transposed']:.2e}")
@@ -171,17 +174,34 @@ def test_nearest_upsampling_has_no_checkerboard_on_constant_input(capsys):
     assert fractions["nearest"] < 1e-12 * fractions["transposed"]
 
 
-def test_concat_up_matches_upsample_then_cat():
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_fused_up_conv_equals_upsample_concat_conv(k, skip_first):
+    """conv(cat(skip, up(coarse))) by one stride-2 transposed conv with the composed (k+1)³ kernel:
+    exact everywhere, borders included, for a learned 2³ up-conv and for nearest + 1³ conv."""
     torch.manual_seed(0)
-    skip, coarse = torch.randn(2, 3, 8, 12, 6), torch.randn(2, 5, 4, 6, 3)
-    conv1 = torch.nn.Conv3d(5, 4, 1)
-    ref = torch.cat([skip, F.interpolate(conv1(coarse), scale_factor=2, mode="nearest")], 1)
-    torch.testing.assert_close(_concat_up(skip.clone(), conv1, coarse, nearest=True), ref)
-    # 1³ conv and nearest replication commute: the cheap order is the same map.
-    torch.testing.assert_close(conv1(F.interpolate(coarse, scale_factor=2, mode="nearest")), ref[:, 3:])
-    tconv = torch.nn.ConvTranspose3d(5, 4, 2, stride=2)
-    torch.testing.assert_close(_concat_up(skip.clone(), tconv, coarse, nearest=False),
-                               torch.cat([skip, tconv(coarse)], 1))
+    skip = torch.randn(2, 3, 10, 6, 14, dtype=torch.float64)
+    coarse = torch.randn(2, 5, 5, 3, 7, dtype=torch.float64)
+    conv = torch.nn.Conv3d(7, 4, k, padding=k // 2).double()
+    tconv = torch.nn.ConvTranspose3d(5, 4, 2, stride=2, bias=False).double()
+    conv1 = torch.nn.Conv3d(5, 4, 1, bias=False).double()
+    nearest_weight = conv1.weight[:, :, 0, 0, 0].t()[..., None, None, None].expand(-1, -1, 2, 2, 2)
+    for up, weight in [(tconv, tconv.weight),
+                       (lambda c: F.interpolate(conv1(c), scale_factor=2, mode="nearest"), nearest_weight)]:
+        parts = [skip, up(coarse)] if skip_first else [up(coarse), skip]
+        ref = conv(torch.cat(parts, 1))
+        fused = fused_up_conv(skip, coarse, weight, conv, skip_first=skip_first)
+        torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_unet_up_weight_is_the_up_path():
+    torch.manual_seed(0)
+    coarse = torch.randn(1, 8, 3, 4, 5)
+    for mode in ("nearest", "transposed"):
+        net = UNet3d(1, 1, width=4, depth=1, upsample=mode)
+        expected = (F.interpolate(net.ups[0](coarse), scale_factor=2, mode="nearest") if mode == "nearest"
+                    else net.ups[0](coarse))
+        torch.testing.assert_close(F.conv_transpose3d(coarse, net.up_weight(0), stride=2), expected)
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])

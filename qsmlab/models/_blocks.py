@@ -89,8 +89,7 @@ class ConvNormAct(nn.Module):
 
     Without autograd (``torch.inference_mode`` / ``no_grad``) the normalisation is applied in place on the
     convolution output: an eval-mode BatchNorm is a per-channel affine map and InstanceNorm a per-(sample,
-    channel) one, so the full-resolution activation is not duplicated. That keeps full-volume inference
-    at about three full-resolution feature maps at the widest point (input, output, held skip).
+    channel) one, so the full-resolution activation is not duplicated.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "batch",
@@ -105,7 +104,10 @@ class ConvNormAct(nn.Module):
         self.norm = make_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+        return self.finish(self.conv(x))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """Normalisation and activation of a convolution output ``y`` (modified in place)."""
         if self.norm is not None:
             y = norm_inplace(self.norm, y) if not torch.is_grad_enabled() else self.norm(y)
         if self.activation == "relu":

@@ -6,8 +6,8 @@
   ``[B, in_channels, X, Y, Z]`` (field, mask) -> ``[B, out_channels, X, Y, Z]`` (chi);
   ``size_multiple = 2**(len(filters) - 1)``.
   Without autograd (full-volume inference) the forward walks the DynUNet's own modules with in-place
-  normalisation, channels-last maps and a single concatenation buffer: about three full-resolution
-  maps at the widest point instead of MONAI's six (see :meth:`PedQNetRecon.forward`).
+  normalisation, channels-last maps and the up-sampling fused into the next convolution: about two
+  full-resolution maps at the widest point instead of MONAI's six (see :meth:`PedQNetRecon.forward`).
 - :class:`SubcorticalUNETR`: UNETR (Hatamizadeh et al., WACV 2022) segmenting subcortical nuclei on the
   reconstructed chi: ``[B, 1, *img_size]`` -> logits ``[B, num_classes, *img_size]``.
 - :class:`BrainMaskUNETR`: UNETR brain masking: magnitude ``[B, 1, *img_size]`` -> 2-class logits
@@ -29,7 +29,7 @@ from torch import nn
 
 from qsmlab.errors import QSMInputError
 from qsmlab.models._blocks import check_input, check_positive_int, norm_inplace
-from qsmlab.models.unet import CHANNELS_LAST
+from qsmlab.models.unet import CHANNELS_LAST, fused_up_conv
 
 _UNETR_PATCH = 16  # MONAI's UNETR uses a fixed 16³ patch embedding
 
@@ -76,7 +76,8 @@ class PedQNetRecon(nn.Module):
         MONAI's ``DynUNet.forward``; without it, :meth:`_lean_forward`, the same function in less
         memory (plain blocks only; residual blocks always take MONAI's path)."""
         check_input(self, x, self.in_channels)
-        if torch.is_grad_enabled() or self.net.conv_block is not UnetBasicBlock:
+        if (torch.is_grad_enabled() or self.net.conv_block is not UnetBasicBlock
+                or self.net.upsamples[0].transp_conv.conv.bias is not None):
             return self.net(x)
         return self._lean_forward(x)
 
@@ -89,7 +90,8 @@ class PedQNetRecon(nn.Module):
 
     def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
         # DynUNetSkipLayer order: input block and down-samplings keep their outputs as skips; the
-        # up blocks (deepest first) concatenate (transposed conv output, skip), in that order.
+        # up blocks (deepest first) concatenate (transposed conv output, skip), in that order, which
+        # fused_up_conv evaluates without forming the up-sampled map or the concatenation.
         net = self.net
         x = x.contiguous(memory_format=CHANNELS_LAST)
         skips = []
@@ -100,18 +102,10 @@ class PedQNetRecon(nn.Module):
         for step in self._block_steps(net.bottleneck):
             x = step(x)
         for up in net.upsamples:
-            skip = skips.pop()
-            b, cs = skip.shape[:2]
-            cu = up.transp_conv.conv.out_channels
-            buf = torch.empty((b, cu + cs, *skip.shape[2:]), dtype=skip.dtype, device=skip.device,
-                              memory_format=CHANNELS_LAST)
-            buf[:, cu:].copy_(skip)
-            del skip  # the buffer holds it now; the up-sampled map is written next to it
-            buf[:, :cu].copy_(up.transp_conv(x))
-            x = buf
-            del buf
-            for step in self._block_steps(up.conv_block):
-                x = step(x)
+            block = up.conv_block
+            x = block.lrelu(norm_inplace(block.norm1, fused_up_conv(
+                skips.pop(), x, up.transp_conv.conv.weight, block.conv1.conv, skip_first=False)))
+            x = block.lrelu(norm_inplace(block.norm2, block.conv2(x)))
         return net.output_block(x).contiguous()
 
 

@@ -16,6 +16,11 @@ Up path (``upsample``):
   upsampling. Pointwise convolution and replication commute, so this is "upsample, then 1³ conv" at an
   eighth of the cost, and it is the transposed variant with all eight parities sharing one weight: the
   two options differ only in that, which is the uQSM checkerboard ablation.
+
+Either up path is evaluated fused with the decoder's first convolution (:func:`fused_up_conv`): the
+same function, without materialising the up-sampled map or the concatenation. Feature maps are kept
+channels-last inside the network. Together these keep a full-volume forward at about two
+full-resolution ``width``-channel maps at its widest point.
 """
 
 from __future__ import annotations
@@ -40,28 +45,31 @@ UPSAMPLE_MODES = ("nearest", "transposed")
 CHANNELS_LAST = torch.channels_last_3d
 
 
-def _concat_up(skip: torch.Tensor, up: nn.Module, coarse: torch.Tensor, nearest: bool) -> torch.Tensor:
-    """``cat([skip, upsampled(coarse)], dim=1)`` built in one buffer.
+def fused_up_conv(skip: torch.Tensor, coarse: torch.Tensor, up_weight: torch.Tensor, conv: nn.Conv3d,
+                  skip_first: bool = True) -> torch.Tensor:
+    """``conv(cat([skip, up(coarse)]))`` without forming ``up(coarse)`` or the concatenation.
 
-    The skip is copied in and released before the up path runs, and nearest-neighbour replication is
-    written straight into the buffer, so the decoder's widest point holds three full-resolution maps of
-    ``c`` channels (buffer ``2c`` + one) instead of four (skip, upsampled, their concatenation).
-    ``skip`` must have no other reference for the saving to happen (callers pass ``skips.pop()``).
+    ``up`` is a stride-2, 2³ transposed convolution with weight ``up_weight`` ``[C_coarse, C_up, 2, 2, 2]``
+    (no bias) and ``conv`` a ``k³`` convolution with 'same' zero padding over the concatenated channels
+    (skip first, or last with ``skip_first=False``). Split the convolution by input channels,
+    ``conv(cat(s, u)) = conv_s(s) + conv_u(u)``; then ``conv_u`` after the up-sampling is one stride-2
+    transposed convolution of ``coarse`` with the ``(k+1)³`` kernel ``W' = T ⊛ W_u`` (the full
+    convolution of the two kernels, contracted over ``C_up``; padding ``k // 2`` reproduces the zero
+    padding of the up-sampled map exactly). That costs ``2·C_coarse·C·(k+1)³/8`` instead of
+    ``C·C_up·k³`` multiply-adds per voxel, and only two full-resolution maps of ``C`` channels are alive
+    at once instead of four (skip, up-sampled, concatenation, output).
+
+    ``skip`` is released as soon as its half is done when the caller passes it without keeping a
+    reference (``skips.pop()``).
     """
-    b, cs, x, y, z = skip.shape
-    out = torch.empty((b, cs + up.out_channels, x, y, z), dtype=skip.dtype, device=skip.device,
-                      memory_format=CHANNELS_LAST)
-    out[:, :cs].copy_(skip)
+    cs = skip.shape[1]
+    w = conv.weight
+    ws, wu = (w[:, :cs], w[:, cs:]) if skip_first else (w[:, w.shape[1] - cs:], w[:, :w.shape[1] - cs])
+    k = w.shape[-1]
+    y = F.conv3d(skip, ws, conv.bias, padding=k // 2)
     del skip
-    u = up(coarse)
-    if nearest:
-        # Full-res index 2*i + a  <->  (i, a): the view splits each axis into (coarse index, parity).
-        cu = u.shape[1]
-        out[:, cs:].view(b, cu, x // 2, 2, y // 2, 2, z // 2, 2).copy_(
-            u.view(b, cu, x // 2, 1, y // 2, 1, z // 2, 1))
-    else:
-        out[:, cs:].copy_(u)
-    return out
+    w_eff = F.conv3d(F.pad(up_weight, [k - 1] * 6), wu)  # [C_coarse, C, k+1, k+1, k+1]
+    return y.add_(F.conv_transpose3d(coarse, w_eff, stride=2, padding=k // 2))
 
 
 class UNet3d(nn.Module):
@@ -109,11 +117,13 @@ class UNet3d(nn.Module):
         self.encoders = nn.ModuleList(block(in_channels if lv == 0 else ch[lv - 1], ch[lv])
                                       for lv in range(self.depth))
         self.bottleneck = block(in_channels if self.depth == 0 else ch[-2], ch[-1])
+        # No bias on the up path: the next convolution's own bias (or normalisation) absorbs a constant,
+        # and without one the up path folds exactly into that convolution (see fused_up_conv).
         if upsample == "transposed":
-            self.ups = nn.ModuleList(nn.ConvTranspose3d(ch[lv + 1], ch[lv], 2, stride=2)
+            self.ups = nn.ModuleList(nn.ConvTranspose3d(ch[lv + 1], ch[lv], 2, stride=2, bias=False)
                                      for lv in range(self.depth))
         else:
-            self.ups = nn.ModuleList(nn.Conv3d(ch[lv + 1], ch[lv], 1) for lv in range(self.depth))
+            self.ups = nn.ModuleList(nn.Conv3d(ch[lv + 1], ch[lv], 1, bias=False) for lv in range(self.depth))
         self.decoders = nn.ModuleList(block(2 * ch[lv], ch[lv]) for lv in range(self.depth))
         self.head = nn.Conv3d(ch[0], out_channels, out_kernel_size, padding=out_kernel_size // 2)
 
@@ -131,7 +141,16 @@ class UNet3d(nn.Module):
         # Coarse to fine. Layers are applied one by one on a rebound local so that each input map is
         # freed as soon as the next layer has consumed it (full-volume inference memory).
         for lv in reversed(range(self.depth)):
-            x = _concat_up(skips.pop(), self.ups[lv], x, self.upsample == "nearest")
-            for layer in self.decoders[lv]:
+            first, *rest = self.decoders[lv]
+            x = first.finish(fused_up_conv(skips.pop(), x, self.up_weight(lv), first.conv))
+            for layer in rest:
                 x = layer(x)
         return self.head(x).contiguous()
+
+    def up_weight(self, level: int) -> torch.Tensor:
+        """The up path into ``level`` as a stride-2 transposed-convolution weight ``[c_{l+1}, c_l, 2, 2, 2]``:
+        the learned one, or for ``"nearest"`` the 1³ convolution repeated over the eight parities."""
+        w = self.ups[level].weight
+        if self.upsample == "transposed":
+            return w
+        return w[:, :, 0, 0, 0].t()[..., None, None, None].expand(-1, -1, 2, 2, 2)
