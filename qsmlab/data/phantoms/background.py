@@ -6,12 +6,15 @@ Challenge 2.0 head model, Marques et al., MRM 2021; Buch et al., MRM 2015 for ai
 air - tissue = +9.4 ppm (air +0.36 ppm, water/tissue -9.05 ppm), cortical bone - tissue = -2 ppm.
 
 ``chi_bg`` is stored **relative to air**: air (outside the head and in cavities) is 0, soft tissue
-(brain included) is -9.4 ppm and bone -11.4 ppm. The dipole operator zero-pads its FOV, so with this
-reference the padding is air, as it is around a real head; referencing to tissue instead would put a
-+9.4 ppm box edge at the FOV boundary. Brain ``chi`` (relative to CSF) adds to this inside the mask.
-The field of a uniform region is harmonic inside it, so the -9.4 ppm inside the brain contributes only a
-harmonic (removable) background there; what shapes the background field is the air/tissue and bone
-boundaries.
+(brain included) is -9.4 ppm and bone -11.4 ppm. The background's field
+(:func:`qsmlab.data.simulate.background_field`, the exact field of the voxelised sources) takes the
+space outside the array as empty, so with this reference it is air, as around a real head; referencing
+to tissue instead would put a +9.4 ppm box edge at the FOV boundary. Where the head is cut by the FOV
+(the neck), the simulator continues it beyond the face. Brain ``chi`` (relative to CSF) adds to this
+inside the mask. The field of a uniform region is harmonic inside it, so the -9.4 ppm inside the brain
+contributes only a harmonic (removable) background there; what shapes the background field is the
+air/tissue and bone boundaries. These boundaries are voxel-sharp on purpose: the field model is exact for
+voxelised sources, so no smoothing is needed (and none would be right at every voxel size).
 """
 
 from __future__ import annotations
