@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N", help="folds run as N local processes")
     p.add_argument("--fold", type=int, default=None, metavar="I", help="run only fold I (0-based)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/loocv-<experiment>)")
+    p.add_argument("--tv-alphas", default=None, metavar="A,B,...",
+                   help="TV weights searched on each fold's training subjects (default 7 values, 1e-5 ... 1e-2)")
     p.add_argument("--loggers", default=None, help="wandb,csv (default), tensorboard, or none")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -47,5 +49,20 @@ def run(args: argparse.Namespace) -> int:
 
     run_loocv(args.experiment, args.manifest, profile=args.profile, params=args.params, storage=args.storage,
               workers=args.workers, fold=args.fold, out=args.out, loggers=parse_logger_names(args.loggers),
-              overrides=numeric_overrides(split_overrides(getattr(args, "extra", []) or [])), quiet=args.quiet)
+              overrides=numeric_overrides(split_overrides(getattr(args, "extra", []) or [])), quiet=args.quiet,
+              tv_alphas=_alphas(args.tv_alphas))
     return 0
+
+
+def _alphas(text: str | None) -> list[float] | None:
+    from qsmlab.errors import QSMInputError
+
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise QSMInputError(f"--tv-alphas {text!r}: expected comma-separated positive numbers") from None
+    if not vals or min(vals) <= 0:
+        raise QSMInputError(f"--tv-alphas {text!r}: expected comma-separated positive numbers")
+    return vals

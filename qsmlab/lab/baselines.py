@@ -4,8 +4,8 @@
 - TV (ADMM, FANSI weighted-linear) with its weight ``alpha`` tuned on the **training** subjects of each fold
   only: every scan with a reference chi is inverted for each alpha of :data:`TV_ALPHAS` (log grid,
   1e-5...1e-2), the alpha with the lowest mean NRMSE over the fold's training scans is applied to the
-  held-out scan. Inversions are cached per (scan, alpha) in a CSV, so the grid costs
-  ``scans x alphas`` inversions for all folds together, not per fold.
+  held-out scan. Scores are cached per (scan, alpha) in a CSV, so the grid costs ``scans x alphas``
+  inversions for all folds together, the held-out scans' included (each is a training scan elsewhere).
 
 Scores come from :func:`qsmlab.metrics.compute_all` on the full volume inside the mask, the same function
 that scores the learned methods' predictions.
@@ -65,29 +65,32 @@ def tv(scan: Scan, alpha: float) -> np.ndarray:
 
 
 class TVGrid:
-    """NRMSE (%) of TV per (scan key, alpha), computed once and kept in ``path`` (CSV)."""
+    """Metrics of TV per (scan key, alpha) (all of :func:`qsmlab.metrics.compute_all`), each computed once
+    and kept in ``path`` (CSV), so every fold reads the inversions it shares with the others."""
 
     def __init__(self, path: str | Path, alphas: Sequence[float] = TV_ALPHAS):
-        self.path, self.alphas = Path(path), tuple(alphas)
-        self.table: dict[tuple[str, float], float] = {}
+        self.path, self.alphas = Path(path), tuple(float(a) for a in alphas)
+        self.table: dict[tuple[str, float], dict[str, float]] = {}
         if self.path.is_file():
             with open(self.path) as f:
                 for r in csv.DictReader(f):
-                    self.table[(r["key"], float(r["alpha"]))] = float(r["nrmse"])
+                    key, alpha = r.pop("key"), float(r.pop("alpha"))
+                    self.table[(key, alpha)] = {k: float(v) for k, v in r.items()}
 
-    def nrmse(self, scan: Scan, alpha: float) -> float:
-        from qsmlab.metrics import nrmse
+    def metrics(self, scan: Scan, alpha: float) -> dict[str, float]:
+        from qsmlab.metrics import compute_all
 
         k = (scan.key, float(alpha))
         if k not in self.table:
-            self.table[k] = float(nrmse(tv(scan, alpha), scan.chi, scan.mask))
+            m = {n: float(v) for n, v in compute_all(tv(scan, alpha), scan.chi, scan.mask).items()}
+            self.table[k] = m
             new = not self.path.is_file()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", newline="") as f:
+            with open(self.path, "a", newline="") as f:  # one short append: safe with parallel folds
                 w = csv.writer(f)
                 if new:
-                    w.writerow(["key", "alpha", "nrmse"])
-                w.writerow([scan.key, repr(float(alpha)), repr(self.table[k])])
+                    w.writerow(["key", "alpha", *m])
+                w.writerow([scan.key, repr(float(alpha)), *(repr(v) for v in m.values())])
         return self.table[k]
 
     def best_alpha(self, train_scans: Sequence[Scan]) -> tuple[float, dict[float, float]]:
@@ -95,5 +98,5 @@ class TVGrid:
         scans = [s for s in train_scans if s.chi is not None]
         if not scans:
             return 5e-5, {}  # the inversion's own default when nothing can be tuned on
-        means = {a: float(np.mean([self.nrmse(s, a) for s in scans])) for a in self.alphas}
+        means = {a: float(np.mean([self.metrics(s, a)["nrmse"] for s in scans])) for a in self.alphas}
         return min(means, key=means.get), means

@@ -113,7 +113,7 @@ def _held_out_predictions(fold_dir: Path, exp_name: str):
 
 
 def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: Sequence[str] = ("wandb", "csv"),
-             profile: str | None = None) -> pd.DataFrame:
+             profile: str | None = None, tv_alphas: Sequence[float] | None = None) -> pd.DataFrame:
     """Train + score one fold (skipped when ``result.csv`` exists); returns the fold's result rows."""
     from qsmlab.data.manifest import load_manifest
     from qsmlab.lab import baselines as B
@@ -134,15 +134,14 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
             info_extra={"fold": fold.name, "held_out": fold.test})
     learned = pd.read_csv(fold_dir / "learned.csv")
     table = load_manifest(C.get_dotted(cfg, "data.manifest"))
-    grid = B.TVGrid(out / "tv_grid.csv")
+    grid = B.TVGrid(out / "tv_grid.csv", tv_alphas or B.TV_ALPHAS)
     train_scans = [B.load_scan(r) for r in table.select(fold.train)]
     alpha, _ = grid.best_alpha(train_scans)
     rows = []
     for r in table.select(fold.test):
         scan = B.load_scan(r)
         rows.append({"scan": scan.key, "method": "TKD", **compute_all(B.tkd(scan), scan.chi, scan.mask)})
-        rows.append({"scan": scan.key, "method": "TV", "tv_alpha": alpha,
-                     **compute_all(B.tv(scan, alpha), scan.chi, scan.mask)})
+        rows.append({"scan": scan.key, "method": "TV", "tv_alpha": alpha, **grid.metrics(scan, alpha)})
     frame = pd.concat([learned, pd.DataFrame(rows)], ignore_index=True)
     frame.insert(0, "fold", fold.name)
     frame.insert(1, "subject", held)
@@ -187,7 +186,8 @@ def aggregate(frames: Sequence[pd.DataFrame], out: Path, metrics: Sequence[str] 
 def run_loocv(experiment: str, manifest: str, *, profile: str | None = None, params: str | None = None,
               storage: str | None = None, workers: int = 1, fold: int | None = None,
               overrides: Sequence[tuple[str, Any]] = (), out: str | Path | None = None,
-              loggers: Sequence[str] = ("wandb", "csv"), quiet: bool = False) -> pd.DataFrame | None:
+              loggers: Sequence[str] = ("wandb", "csv"), tv_alphas: Sequence[float] | None = None,
+              quiet: bool = False) -> pd.DataFrame | None:
     """``qsmlab loocv``: see the module docstring. Returns the aggregated table (None if no fold is done)."""
     from qsmlab.lab.sweep import threads_per_worker
 
@@ -209,14 +209,14 @@ def run_loocv(experiment: str, manifest: str, *, profile: str | None = None, par
         print(f"[loocv {exp_name}] {len(folds)} folds, {len(todo) - len(pending)} already done, running "
               f"{len(pending)} with {min(workers, max(1, len(pending)))} worker(s); output {out}", flush=True)
     if workers > 1 and len(pending) > 1:
-        _spawn(experiment, manifest, pending, workers, profile, params, storage, ov, out, loggers)
+        _spawn(experiment, manifest, pending, workers, profile, params, storage, ov, out, loggers, tv_alphas)
     else:
         import torch
 
         torch.set_num_threads(threads_per_worker(1))
         for i in pending:
             t0 = time.time()
-            fr = run_fold(cfg, folds[i], i, out, exp_name, loggers=loggers, profile=profile)
+            fr = run_fold(cfg, folds[i], i, out, exp_name, loggers=loggers, profile=profile, tv_alphas=tv_alphas)
             if not quiet:
                 nr = fr.groupby("method")["nrmse"].mean()
                 print(f"[loocv {exp_name}] fold {i} ({folds[i].name}) done in {time.time() - t0:.0f} s: NRMSE "
@@ -233,7 +233,8 @@ def run_loocv(experiment: str, manifest: str, *, profile: str | None = None, par
     return shown
 
 
-def _spawn(experiment, manifest, pending, workers, profile, params, storage, overrides, out, loggers) -> None:
+def _spawn(experiment, manifest, pending, workers, profile, params, storage, overrides, out, loggers,
+           tv_alphas) -> None:
     """Run pending folds as ``qsmlab loocv ... --fold i`` processes, ``workers`` at a time."""
     from qsmlab.lab.sweep import threads_per_worker
 
@@ -245,6 +246,8 @@ def _spawn(experiment, manifest, pending, workers, profile, params, storage, ove
         base += ["--profile", profile]
     if storage:
         base += ["--storage", storage]
+    if tv_alphas:
+        base += ["--tv-alphas", ",".join(repr(float(a)) for a in tv_alphas)]
     for k, v in overrides:  # best-of params are already resolved into overrides
         base += [f"--{k}", str(v)]
     queue, running, failed = list(pending), [], []

@@ -62,7 +62,10 @@ def cores() -> int:
 
 
 def threads_per_worker(n_workers: int) -> int:
-    return max(1, cores() // max(1, n_workers))
+    """``cores // n_workers`` (at least 1), capped by an explicit ``OMP_NUM_THREADS``."""
+    n = max(1, cores() // max(1, n_workers))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
 
 
 # -- worker identity and dead-trial recovery ------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""qsmlab loocv on a 3-subject manifest: per-fold and aggregated tables, baselines on the same folds,
+--fold and rerun skipping, and the one-subject manifest refused before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from _datasets import make_dataset
+from _tiny_method import write_tiny_experiment
+
+from qsmlab.cli import main
+from qsmlab.metrics import nrmse, psnr
+from qsmlab.recon import registry
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("loo"), n_subjects=3, shape=(16, 16, 16), sources=["invivo"] * 3)
+
+
+def test_loocv_three_subjects(tmp_path, manifest, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    exp = write_tiny_experiment(tmp_path, manifest, epochs=2, val=[])
+    # one fold first (a cluster array job), then the whole batch: the finished fold is not rerun
+    common = ["--manifest", str(manifest), "--loggers", "csv", "--tv-alphas", "1e-4,1e-3,1e-2"]
+    assert main(["loocv", str(exp), *common, "--fold", "1"]) == 0
+    out = tmp_path / "runs" / "loocv-tiny"
+    done = out / "folds" / "loso-sub-01" / "result.csv"
+    first_mtime = done.stat().st_mtime
+    assert main(["loocv", str(exp), *common]) == 0
+    assert done.stat().st_mtime == first_mtime
+    assert "1 already done, running 2" in capsys.readouterr().out
+    folds = pd.read_csv(out / "loocv_folds.csv")
+    assert sorted(set(folds["subject"])) == ["sub-00", "sub-01", "sub-02"]
+    assert sorted(set(folds["method"])) == ["TKD", "TV", "tiny"]
+    assert len(folds) == 9 and folds[["psnr", "nrmse", "hfen", "ssim"]].notna().all().all()
+    # each fold trained without its held-out subject, and the scores are those of the saved maps
+    for s in ("sub-00", "sub-01", "sub-02"):
+        fdir = out / "folds" / f"loso-{s}"
+        info = json.loads((fdir / "train" / "run_info.json").read_text())
+        assert info["held_out"] == [s] and info["status"] == "finished"
+        pred = np.asarray(nib.load(fdir / "pred" / f"{s}_0_chi.nii.gz").dataobj)
+        ref = np.asarray(nib.load(manifest.parent / s / "run-0" / "chi.nii.gz").dataobj)
+        mask = np.asarray(nib.load(manifest.parent / s / "run-0" / "mask.nii.gz").dataobj) > 0
+        field = np.asarray(nib.load(manifest.parent / s / "run-0" / "field.nii.gz").dataobj)
+        mag = np.asarray(nib.load(manifest.parent / s / "run-0" / "magnitude.nii.gz").dataobj)
+        row = folds[(folds["subject"] == s) & (folds["method"] == "tiny")].iloc[0]
+        assert row["nrmse"] == pytest.approx(nrmse(pred, ref, mask), rel=1e-5)
+        # TV's weight was chosen on the two training subjects only (its grid), then applied here
+        tvrow = folds[(folds["subject"] == s) & (folds["method"] == "TV")].iloc[0]
+        grid = pd.read_csv(out / "tv_grid.csv")
+        assert sorted(grid["alpha"].unique()) == pytest.approx([1e-4, 1e-3, 1e-2]) and len(grid) == 9  # once each
+        train = grid[~grid["key"].str.startswith(s)].groupby("alpha")["nrmse"].mean()
+        assert tvrow["tv_alpha"] == pytest.approx(train.idxmin())
+        tv = registry.get("inversion", "tv")(field, mask, magnitude=mag, alpha=tvrow["tv_alpha"], quiet=True)
+        assert tvrow["nrmse"] == pytest.approx(nrmse(tv, ref, mask), rel=1e-4)
+        tkd = registry.get("inversion", "tkd")(field, mask, quiet=True)
+        tkrow = folds[(folds["subject"] == s) & (folds["method"] == "TKD")].iloc[0]
+        assert tkrow["psnr"] == pytest.approx(psnr(tkd, ref, mask), rel=1e-4)
+    table = pd.read_csv(out / "loocv_table.csv")
+    assert list(table["method"]) == ["tiny", "TKD", "TV"] and (table["folds"] == 3).all()
+    per = folds.groupby("method")["nrmse"]
+    assert table.set_index("method")["nrmse_mean"]["TV"] == pytest.approx(per.mean()["TV"])
+    assert table.set_index("method")["nrmse_sd"]["TV"] == pytest.approx(per.std()["TV"])
+    md = (out / "loocv_table.md").read_text()
+    assert "| tiny | 3 |" in md and "±" in md
+    assert (out / "loocv_box.png").stat().st_size > 1000
+
+
+def test_loocv_refuses_a_single_subject_manifest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    m = make_dataset(tmp_path / "one", n_subjects=1, shape=(12, 12, 12), sources=["invivo"])
+    exp = write_tiny_experiment(tmp_path, m, val=[])
+    assert main(["loocv", str(exp), "--manifest", str(m)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at least 2 subjects, found 1 (sub-00)" in err
+    assert not Path(tmp_path, "runs", "loocv-tiny", "folds").exists()
