@@ -101,6 +101,10 @@ def test_pruned_trial_with_lightning_pruning_callback(lab):
     assert t.state.name == "PRUNED" and list(t.intermediate_values) == [0]
     (r,) = find_runs("runs/p/trials")
     assert r.exit_code == 0 and r.summary["status"] == "pruned" and len(r.series("val/nrmse")) == 1
+    # the run's last validation is reported but not pruned: a finished training keeps its result
+    run_sweep(lab("p1", pruner={"name": "threshold", "upper": 1.0}, n_trials=1, overrides={"trainer.max_epochs": 1}))
+    (t,) = _study("p1").trials
+    assert t.state.name == "COMPLETE" and list(t.intermediate_values) == [0] and t.value > 1.0
 
 
 def test_sigkill_mid_trial_then_restart_loses_and_duplicates_nothing(lab):

@@ -166,6 +166,34 @@ def _devices(cfg: dict) -> int:
         return 1  # "auto": one device per trial unless asked
 
 
+def pruning_callback(trial, monitor: str):
+    """optuna-integration's ``PyTorchLightningPruningCallback`` (it imports ``lightning.pytorch`` and works
+    with Lightning 2.6), except that the run's last validation is reported but never pruned: a trial that
+    has already paid for its whole training keeps its result (COMPLETE with its value) instead of being
+    discarded as PRUNED at the finish line."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    class _Callback(PyTorchLightningPruningCallback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not self.is_ddp_backend and not trainer.sanity_checking and _final_validation(trainer):
+                score = trainer.callback_metrics.get(self.monitor)
+                if score is not None:
+                    self._trial.report(float(score), step=pl_module.current_epoch)
+                return
+            super().on_validation_end(trainer, pl_module)
+
+    return _Callback(trial, monitor=monitor)
+
+
+def _final_validation(trainer) -> bool:
+    """Whether this validation is the run's last (max_steps reached, or the last batch of the last epoch)."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_batch = getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)
+    return bool(trainer.max_epochs is not None and trainer.max_epochs > 0
+                and trainer.current_epoch >= trainer.max_epochs - 1 and last_batch)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -194,9 +222,7 @@ class TrialObjective:
         trial.set_user_attr("run_dir", str(run_dir))
         callbacks, pruning = [], None
         if spec.pruner["name"] != "none":
-            from optuna_integration import PyTorchLightningPruningCallback
-
-            pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric)
+            pruning = pruning_callback(trial, spec.metric)
             callbacks.append(pruning)
         try:
             result = execute(
