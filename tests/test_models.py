@@ -190,8 +190,9 @@ def test_fused_up_conv_equals_upsample_concat_conv(k, skip_first):
                        (lambda c: F.interpolate(conv1(c), scale_factor=2, mode="nearest"), nearest_weight)]:
         parts = [skip, up(coarse)] if skip_first else [up(coarse), skip]
         ref = conv(torch.cat(parts, 1))
-        fused = fused_up_conv(skip, coarse, weight, conv, skip_first=skip_first)
-        torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+        for fold in (True, False):
+            fused = fused_up_conv(skip, coarse, weight, conv, skip_first=skip_first, fold=fold)
+            torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_unet_up_weight_is_the_up_path():

@@ -46,8 +46,8 @@ CHANNELS_LAST = torch.channels_last_3d
 
 
 def fused_up_conv(skip: torch.Tensor, coarse: torch.Tensor, up_weight: torch.Tensor, conv: nn.Conv3d,
-                  skip_first: bool = True) -> torch.Tensor:
-    """``conv(cat([skip, up(coarse)]))`` without forming ``up(coarse)`` or the concatenation.
+                  skip_first: bool = True, fold: bool | None = None) -> torch.Tensor:
+    """``conv(cat([skip, up(coarse)]))``, on large grids without forming ``up(coarse)`` or the concatenation.
 
     ``up`` is a stride-2, 2³ transposed convolution with weight ``up_weight`` ``[C_coarse, C_up, 2, 2, 2]``
     (no bias) and ``conv`` a ``k³`` convolution with 'same' zero padding over the concatenated channels
@@ -55,17 +55,24 @@ def fused_up_conv(skip: torch.Tensor, coarse: torch.Tensor, up_weight: torch.Ten
     ``conv(cat(s, u)) = conv_s(s) + conv_u(u)``; then ``conv_u`` after the up-sampling is one stride-2
     transposed convolution of ``coarse`` with the ``(k+1)³`` kernel ``W' = T ⊛ W_u`` (the full
     convolution of the two kernels, contracted over ``C_up``; padding ``k // 2`` reproduces the zero
-    padding of the up-sampled map exactly). That costs ``2·C_coarse·C·(k+1)³/8`` instead of
-    ``C·C_up·k³`` multiply-adds per voxel, and only two full-resolution maps of ``C`` channels are alive
-    at once instead of four (skip, up-sampled, concatenation, output).
+    padding of the up-sampled map exactly). Per output voxel that costs ``C_coarse·C·(k+1)³/8``
+    instead of ``C·C_up·k³`` multiply-adds, and only two full-resolution maps of ``C`` channels are
+    alive at once instead of four (skip, up-sampled, concatenation, output).
 
-    ``skip`` is released as soon as its half is done when the caller passes it without keeping a
-    reference (``skips.pop()``).
+    Composing the kernels costs ``C_coarse·C·C_up·k³·(k+1)³`` whatever the grid, so ``fold=None`` folds
+    only when that is under an eighth of ``conv_u`` on the grid (the wide, fine levels, where the memory
+    is); ``True`` / ``False`` force either path. ``skip`` is released as soon as its half is done when
+    the caller passes it without keeping a reference (``skips.pop()``).
     """
     cs = skip.shape[1]
     w = conv.weight
-    ws, wu = (w[:, :cs], w[:, cs:]) if skip_first else (w[:, w.shape[1] - cs:], w[:, :w.shape[1] - cs])
     k = w.shape[-1]
+    if fold is None:
+        fold = skip.shape[2] * skip.shape[3] * skip.shape[4] >= 8 * up_weight.shape[0] * (k + 1) ** 3
+    if not fold:
+        up = F.conv_transpose3d(coarse, up_weight, stride=2)
+        return conv(torch.cat([skip, up] if skip_first else [up, skip], dim=1))
+    ws, wu = (w[:, :cs], w[:, cs:]) if skip_first else (w[:, w.shape[1] - cs:], w[:, :w.shape[1] - cs])
     y = F.conv3d(skip, ws, conv.bias, padding=k // 2)
     del skip
     w_eff = F.conv3d(F.pad(up_weight, [k - 1] * 6), wu)  # [C_coarse, C, k+1, k+1, k+1]
@@ -126,6 +133,9 @@ class UNet3d(nn.Module):
             self.ups = nn.ModuleList(nn.Conv3d(ch[lv + 1], ch[lv], 1, bias=False) for lv in range(self.depth))
         self.decoders = nn.ModuleList(block(2 * ch[lv], ch[lv]) for lv in range(self.depth))
         self.head = nn.Conv3d(ch[0], out_channels, out_kernel_size, padding=out_kernel_size // 2)
+        # Channels-last weights make every convolution output channels-last, even from a one-channel
+        # input whose layout is ambiguous (see CHANNELS_LAST); .to()/.double()/load_state_dict keep it.
+        self.to(memory_format=CHANNELS_LAST)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.in_channels)
