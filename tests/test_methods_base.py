@@ -249,3 +249,35 @@ def test_bad_arguments_are_one_line_errors():
         UQSM(loss={"dc": "quadratic"})
     with pytest.raises(QSMInputError, match="field_scale is not set"):
         UQSM(width=4, depth=2)({"field": torch.zeros(1, 1, 8, 8, 8), "mask": torch.ones(1, 1, 8, 8, 8)})
+
+
+def test_patch_margin_limits_the_training_loss_to_the_patch_interior(tiny_manifest):
+    import dataclasses
+
+    from qsmlab.data.collate import collate_subjects
+    from qsmlab.data.manifest import load_manifest
+    from qsmlab.data.subjects import row_to_subject
+
+    batch = collate_subjects([row_to_subject(r) for r in load_manifest(tiny_manifest).rows[:2]])
+    batch = dataclasses.replace(batch, mask=torch.ones_like(batch.mask))  # a patch inside the brain
+    m = UQSM(width=4, depth=2, patch_margin=3, field_scale=0.01)
+    lb = m.loss_batch(batch)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    assert torch.equal(lb.mask[inner], batch.mask[inner]) and lb.mask.sum() < batch.mask.sum()
+    shell = lb.mask.clone()
+    shell[inner] = 0
+    assert shell.sum() == 0 and batch.mask[..., :3, :, :].sum() > 0  # the input mask itself is untouched
+    assert UQSM(width=4, depth=2).loss_batch(batch) is batch
+    from qsmlab.errors import QSMInputError
+
+    with pytest.raises(QSMInputError, match="patch_margin=12"):
+        UQSM(width=4, depth=2, patch_margin=12).loss_batch(batch)
+
+
+def test_outputs_are_float32_under_bf16_autocast():
+    """Losses subtract ~0.05 ppm fields to get ~1e-3 ppm residuals: that must not happen in bfloat16."""
+    m = UQSM(width=4, depth=2, field_scale=0.01)
+    images = {"field": torch.randn(1, 1, 8, 8, 8) * 0.01, "mask": torch.ones(1, 1, 8, 8, 8)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.infer_images(images)
+    assert out["chi"].dtype == torch.float32
