@@ -58,7 +58,7 @@ def slice_figure(maps: Mapping[str, np.ndarray], path: str | Path, *, reference:
             im = axes[i, j].imshow(plane, cmap="gray", vmin=-window, vmax=window)
         label = name + (f"\n{annotations[name]}" if annotations and name in annotations else "")
         axes[0, j].set_title(label, fontsize=8)
-        if reference is not None:
+        if reference is not None and j > 0:
             err = np.where(m > 0, vol - reference, 0.0)
             for i, plane in enumerate(_planes(err, c)):
                 em = axes[3 + i, j].imshow(plane, cmap="RdBu_r", vmin=-window / 2, vmax=window / 2)
@@ -67,7 +67,9 @@ def slice_figure(maps: Mapping[str, np.ndarray], path: str | Path, *, reference:
         ax.set_yticks([])
     axes[0, 0].set_ylabel("chi (ppm)", fontsize=8)
     if reference is not None:
-        axes[3, 0].set_ylabel("error (ppm)", fontsize=8)
+        for i in range(3):  # the reference has no error map: its column's error rows stay empty
+            axes[3 + i, 0].axis("off")
+        axes[3, 1].set_ylabel("error (ppm)", fontsize=8)
         fig.colorbar(em, ax=axes[3:, :].ravel().tolist(), shrink=0.6, label="ppm")
     fig.colorbar(im, ax=axes[:3, :].ravel().tolist(), shrink=0.6, label="ppm")
     if title:
