@@ -117,3 +117,19 @@ def test_fit_resumes_from_last_ckpt_after_sigkill(tmp_path, manifest):
     # the epochs trained before the kill were not trained again: one train-epoch row each
     per_epoch = m.dropna(subset=["train/loss_epoch"]).groupby("epoch").size()
     assert per_epoch.max() == 1 and 0 in per_epoch.index and 4 in per_epoch.index, per_epoch
+
+
+def test_wandb_offline_only_without_credentials(tmp_path, monkeypatch):
+    from qsmlab.lab.tracking import ensure_wandb_mode
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login a password b\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert ensure_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert ensure_wandb_mode() == "online" and "WANDB_MODE" not in os.environ  # logged in: W&B decides
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert ensure_wandb_mode() == "disabled"  # the user's choice wins
