@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from qsmlab.cli import main as cli_main
+from qsmlab.data.collate import QSMBatch
 from qsmlab.data.datamodule import QSMDataModule
 from qsmlab.data.manifest import load_manifest
 from qsmlab.data.recipe import ensure_dataset
 from qsmlab.errors import QSMInputError
 from qsmlab.methods import NeXtQSM, load_method
-from qsmlab.methods.nextqsm import background_from_checkpoint
+from qsmlab.methods.nextqsm import background_from_checkpoint, harmonic_residual, smv_kernel
 from qsmlab.methods.predict import predict_volume
 from qsmlab.methods.statistics import masked_sample, robust_std
 from qsmlab.physics import DipoleOperator
@@ -71,7 +72,8 @@ def trained(manifest, tmp_path_factory):
 
 def test_trains_on_both_outputs_and_reloads_with_its_normalisation(trained, manifest):
     model, ckpt, metrics, dm = trained
-    for key in ("train/loss_field", "train/loss_chi", "val/nrmse", "val/psnr", "val/nrmse_local_field"):
+    for key in ("train/loss_field", "train/loss_chi", "train/loss_chi_local", "val/nrmse", "val/psnr",
+                "val/nrmse_local_field", "val/loss"):
         assert np.isfinite(metrics[key]), key
     assert "train/loss_dc" not in metrics  # lambda_dc = 0: the term is not computed
     # the scales are the robust std of the training fields (local and total) inside the masks
@@ -167,6 +169,54 @@ def test_untrained_variational_net_is_projected_descent_in_the_scans_geometry(b0
     # data consistency improves over the initial chi = M f (what the steps are for)
     res = lambda c: np.linalg.norm(m * (op.A(c.astype(np.float64)) - f))  # noqa: E731
     assert res(got) < res(f * m)
+
+
+def test_harmonic_residual_removes_harmonic_fields_only_where_the_sphere_fits():
+    """Mean value property: x, xy, x^2 - y^2 and a dipole field from a source outside the brain are
+    harmonic in the brain, so their SHARP residual is ~0 on the eroded mask; a local field is not."""
+    shape, vs = (32, 32, 32), (1.5, 1.5, 1.5)
+    m = torch.from_numpy(_ellipsoid(shape))[None, None]
+    g = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * 1.5 - 24.0 for n in shape], indexing="ij")
+    src = (g[0] - 40.0) ** 2 + (g[1] - 5.0) ** 2 + (g[2] + 3.0) ** 2  # a point source 16 mm outside the FOV
+    dipole = (3 * (g[2] + 3.0) ** 2 - src) / src**2.5 * 1e3  # (3 cos^2 - 1) / r^3: harmonic away from it
+    harm = (0.3 + 0.01 * g[0] + 2e-4 * g[0] * g[1] + 1e-4 * (g[0] ** 2 - g[1] ** 2) + dipole)[None, None]
+    res = harmonic_residual(harm, m.double(), [vs], radius_mm=4.0)
+    k = smv_kernel(4.0, vs)
+    eroded = torch.nn.functional.conv3d(m, k, padding=[n // 2 for n in k.shape[-3:]]) > 1 - 1e-4
+    assert k.shape[-3:] == (5, 5, 5) and eroded.sum() > 0.3 * m.sum()  # most of the brain is deep enough
+    assert float(res.abs().max()) < 1e-3 * float(harm[m.bool()].abs().max())  # and the background is gone
+    assert not (res != 0)[~eroded].any()  # nothing outside the eroded mask
+    chi = torch.zeros(1, 1, *shape, dtype=torch.float64)
+    chi[..., 14:18, 14:18, 14:18] = 0.1
+    local = DipoleOperator(vs, (0, 0, 1)).A(chi) * m.double()
+    r = harmonic_residual(local + harm, m.double(), [vs], radius_mm=4.0)
+    assert float(r.abs().max()) > 0.3 * float(local.abs().max())  # the local field's high-pass stays
+    np.testing.assert_allclose(r.numpy(), harmonic_residual(local, m.double(), [vs], 4.0).numpy(),
+                               atol=1e-3 * float(local.abs().max()))
+
+
+def test_teacher_forcing_trains_the_inversion_on_the_true_local_field_only_in_training(trained):
+    model = NeXtQSM(**TINY_NET)
+    model.set_statistics(0.01, (0, 0, 1), (5, 5, 5))
+    model.total_field_scale.fill_(0.3)
+    n = 16
+    m = torch.from_numpy(_ellipsoid((n, n, n)))[None, None].repeat(2, 1, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    batch = QSMBatch(field=torch.randn(2, 1, n, n, n, generator=g) * 0.01 * m, mask=m,
+                     b0_dir=torch.tensor([[0.0, 0.0, 1.0]] * 2), voxel_size=torch.full((2, 3), 5.0),
+                     phase_scale=torch.full((2,), 3.2), affine=torch.eye(4, dtype=torch.float64).repeat(2, 1, 1),
+                     chi=torch.randn(2, 1, n, n, n, generator=g) * 0.03 * m,
+                     total_field=torch.randn(2, 1, n, n, n, generator=g) * 0.3 * m, key=["a", "b"])
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        model.training_step(batch, 0)
+    assert set(model._last_parts) == {"loss_field", "loss_chi", "loss_chi_local"}
+    assert model._channels == ["total_field", "harmonic", "mask", "true_local"]
+    model.eval()
+    with torch.no_grad():
+        out = model.predict_batch(batch)
+    assert set(out) == {"chi", "local_field"} and model._channels == ["total_field", "harmonic", "mask"]
 
 
 def test_bad_input_is_one_line_error(trained, manifest, tmp_path):
