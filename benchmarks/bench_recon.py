@@ -43,8 +43,12 @@ CLOSED_FORM = ("tkd", "tsvd", "cfl2")
 ITERATIVE = ("lsqr", "cg", "tv", "nltv", "ndi", "medi")
 # FFT pairs one iteration needs, for methods whose module does not say (A and A^T per iteration).
 FFT_PAIRS_PER_ITER = {"lsqr": 2, "cg": 2, "tv": 2, "nltv": 2, "ndi": 2, "medi": 2}
-# Extra parameters that keep one benchmark iteration bounded (MEDI's inner CG).
-BENCH_PARAMS = {"medi": {"cg_max_iter": 5, "cg_tol": 1e-12}}
+# Extra parameters that keep one benchmark iteration bounded (MEDI's inner CG), and fixed regularisation
+# weights: this benchmark times iterations, and the default "auto" would add its search to each run
+# (auto's own cost is printed by compare_classical.py).
+BENCH_PARAMS = {"medi": {"cg_max_iter": 5, "cg_tol": 1e-12, "alpha": 3e-4}, "tv": {"alpha": 3e-4},
+                "nltv": {"alpha": 3e-4}, "ndi": {"tikhonov": 0.01}, "cg": {"lam_grad": 0.03}}
+CLOSED_PARAMS = {"cfl2": {"lam": 0.03}}
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -157,8 +161,9 @@ def main(argv=None) -> int:
     for name in CLOSED_FORM:
         if name in known and name in wanted:
             fn = registry.get("inversion", name)
-            fn(field, mask)  # builds and caches the kernel and the filter
-            t, tp = interleaved(lambda fn=fn: fn(field, mask), pair, args.repeats)
+            kw = CLOSED_PARAMS.get(name, {})
+            fn(field, mask, **kw)  # builds and caches the kernel and the filter
+            t, tp = interleaved(lambda fn=fn, kw=kw: fn(field, mask, **kw), pair, args.repeats)
             emit(name, "closed", t, "per call", 1.0, tp)
     if "cosmos" in known and "cosmos" in wanted:
         b0s = [np.array([0.0, 0.0, 1.0]), tilted_b0_dir(25, (1, 0, 0)), tilted_b0_dir(25, (0, 1, 0))]

@@ -63,6 +63,8 @@ def _run(sim, **kw):
     from qsmlab.recon.pipeline import run_pipeline
 
     kw.setdefault("inversion", "cfl2")  # the bounds and oracles below were measured with cfl2 (fast)
+    if kw["inversion"] == "cfl2":  # ... at lam 0.01 (its default then; auto is tested below)
+        kw["inv_params"] = {"lam": 0.01, **(kw.get("inv_params") or {})}
 
     return run_pipeline(sim["phase"], sim["magnitude4"], TE, B0, voxel_size=sim["voxel_size"],
                         b0_dir=sim["b0_dir"], quiet=True, **kw)
@@ -93,7 +95,7 @@ def test_pipeline_recovers_total_field_and_chi(axial):
     # everything before background removal is right: the same bfr + inversion on the *true* total field
     # and true mask gives nearly the same chi (the gap is the measurement noise).
     loc, vv = registry.get("background", "vsharp")(axial["total"], m, voxel_size=axial["voxel_size"])
-    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=axial["voxel_size"]) * vv
+    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=axial["voxel_size"], lam=0.01) * vv
     common = v & vv
     assert nrmse_demeaned(r["chi"], oracle, common) < 30.0
     assert nrmse_demeaned(oracle, axial["chi"], common) <= e + 5.0
@@ -109,7 +111,7 @@ def test_pipeline_noise_free_is_exact_up_to_background_removal():
     r = _run(sim, mask=m)
     assert np.abs(r["total_field"] - sim["total"])[m].max() < 1e-9
     loc, vv = registry.get("background", "vsharp")(sim["total"], m, voxel_size=sim["voxel_size"])
-    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=sim["voxel_size"]) * vv
+    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=sim["voxel_size"], lam=0.01) * vv
     np.testing.assert_allclose(r["chi"], oracle, atol=1e-9)
     assert r["provenance"]["steps"][0]["method"] == "given"
 
@@ -136,6 +138,29 @@ def test_pipeline_provenance(axial):
     assert steps["background"]["params"]["radii_mm"] == [6.0, 4.0, 2.0]
     assert prov["te_s"] == TE.tolist() and prov["b0_tesla"] == B0
     assert np.allclose(prov["b0_dir"], [0, 0, 1]) and prov["voxel_size_mm"] == [1.0, 1.0, 1.0]
+
+
+def test_pipeline_default_inversion_chooses_its_weight_with_the_echo_fit_noise(axial):
+    """The default inversion (tv, alpha=auto) takes its noise level from the echo fit's residual (4
+    echoes) and records the choice; the weight is a fraction of the field's scale, not 0 or a grid end."""
+    _need("background", "vsharp")
+    from qsmlab.recon.pipeline import DEFAULT_INVERSION, run_pipeline
+
+    assert DEFAULT_INVERSION == "tv"
+    r = run_pipeline(axial["phase"], axial["magnitude4"], TE, B0, voxel_size=axial["voxel_size"],
+                     b0_dir=axial["b0_dir"], quiet=True)
+    step = r["provenance"]["steps"][-1]
+    json.dumps(r["provenance"], allow_nan=False)  # strict JSON: no NaN from the auto record
+    assert step["method"] == "tv" and step["params"]["alpha"] == "auto"
+    assert step["noise_std_ppm"]["source"] == "echo-fit residual"
+    (rec,) = step["auto"]
+    assert rec["criterion"] == "discrepancy" and rec["found"] and rec["noise_source"] == "given"
+    assert rec["noise_std"] == pytest.approx(step["noise_std_ppm"]["value"])
+    assert step["chosen"]["alpha"] == rec["value"] and rec["weights"][-1] < rec["value"] < rec["weights"][0]
+    # the echo-fit noise agrees with the simulated one within a factor 2 (sigma 0.01 on magnitudes ~0.8)
+    local = r["local_field"][r["valid_mask"]]
+    assert 0 < rec["noise_std"] < 0.5 * float(np.sqrt(np.mean(local**2)))
+    assert nrmse_demeaned(r["chi"], axial["chi"], r["valid_mask"]) < CHI_NRMSE_BOUND
 
 
 def test_pipeline_oblique_b0_same_quality(axial):

@@ -6,6 +6,11 @@ is ~0.008 ppm), masked, and inverted with each method's defaults. Errors are dem
 mask; each bound is the value first measured here plus a ~10 % margin, so a regression that loses
 accuracy fails. Values first measured (48^3, seed 1): tkd 33.6, tkd-zero 52.0, tsvd 39.8, cfl2 29.7,
 lsqr 20.6, cg 19.1, cosmos (3 orientations) 11.8.
+
+The regularised methods run with fixed weights here (the former defaults): these tests check the solvers.
+Their ``auto`` defaults are tested on in-vivo-like fields in ``test_auto_regularization.py``; on this
+low-noise analytic phantom the L-curve corner of cfl2/cg over-regularises (lam 0.32, 65 % vs 24 %), a
+known weakness of the criterion on noise-poor data (``qsmlab.recon.inversion.auto``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ BOUNDS = {
     "tkd": ({}, 37.0),
     "tkd_zero": ({"mode": "zero"}, 57.0),
     "tsvd": ({}, 44.0),
-    "cfl2": ({}, 33.0),
-    "lsqr": ({}, 23.0),
-    "cg": ({}, 21.5),
+    "cfl2": ({"lam": 0.01}, 33.0),
+    "lsqr": ({"lam_grad": 0.001, "max_iter": 30}, 23.0),
+    "cg": ({"lam_grad": 0.003}, 21.5),
 }
 
 
@@ -129,7 +134,7 @@ def test_tsvd_is_tkd_zero_with_a_relative_threshold(sim):
 def test_cfl2_regularisation_trades_noise_for_smoothing(sim):
     f, m, ref = sim["field"], sim["mask"], sim["chi"]
     x_small, x_big = cfl2(f, m, lam=1e-4), cfl2(f, m, lam=1.0)
-    x_def = cfl2(f, m)
+    x_def = cfl2(f, m, lam=0.01)
     # tiny lam: noise amplified at the cone; huge lam: chi over-smoothed and shrunk
     assert nrmse_demeaned(x_def, ref, m) < nrmse_demeaned(x_small, ref, m)
     assert nrmse_demeaned(x_def, ref, m) < nrmse_demeaned(x_big, ref, m)
@@ -152,14 +157,15 @@ def test_noise_free_periodic_tkd_is_exact_off_the_cone():
 
 def test_lsqr_support_constraint_helps(sim):
     f, m, ref = sim["field"], sim["mask"], sim["chi"]
-    with_s = nrmse_demeaned(lsqr_inversion(f, m, quiet=True), ref, m)
-    without = nrmse_demeaned(lsqr_inversion(f, m, quiet=True, support=False), ref, m)
+    kw = BOUNDS["lsqr"][0]
+    with_s = nrmse_demeaned(lsqr_inversion(f, m, quiet=True, **kw), ref, m)
+    without = nrmse_demeaned(lsqr_inversion(f, m, quiet=True, support=False, **kw), ref, m)
     assert with_s < 0.7 * without
 
 
 def test_cg_magnitude_weighting(sim):
     f, m, ref = sim["field"], sim["mask"], sim["chi"]
-    x = cg_tikhonov(f, m, magnitude=sim["magnitude"], use_magnitude=True, quiet=True)
+    x = cg_tikhonov(f, m, magnitude=sim["magnitude"], use_magnitude=True, quiet=True, **BOUNDS["cg"][0])
     assert nrmse_demeaned(x, ref, m) < BOUNDS["cg"][1]
     with pytest.raises(QSMInputError, match="magnitude"):
         cg_tikhonov(f, m, use_magnitude=True, quiet=True)

@@ -22,6 +22,9 @@ local_field, chi (.nii.gz, float32 ppm, input geometry), qsmlab.json (provenance
 Example:
   qsmlab pipeline --phase ph_e1.nii.gz ph_e2.nii.gz --magnitude mag_e1.nii.gz mag_e2.nii.gz \\
       --te 0.004 0.008 --b0 3 --bfr vsharp --inversion cfl2 --inv-param lam=0.05 -o out/
+
+The inversion's regularisation weight defaults to auto (see 'qsmlab recon --help'); the value chosen is
+printed and recorded in qsmlab.json (steps[-1].chosen, .auto).
 """
 
 
@@ -36,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unwrap", default="region", metavar="NAME", help="spatial unwrapper: region (default) or laplacian")
     p.add_argument("--bfr", default="vsharp", metavar="NAME", help="background removal method (default vsharp)")
     p.add_argument("--inversion", default="tv", metavar="NAME",
-                   help="dipole inversion method (default tv: FANSI-style total variation)")
+                   help="dipole inversion method (default tv: FANSI-style total variation, its weight alpha=auto "
+                        "by the discrepancy principle with the echo fit's noise level)")
     p.add_argument("--unwrap-param", nargs="+", action="extend", default=[], metavar="K=V",
                    help="parameters of the unwrapper")
     p.add_argument("--bfr-param", nargs="+", action="extend", default=[], metavar="K=V",
@@ -118,9 +122,19 @@ def run(args: argparse.Namespace) -> int:
 
     b0_dir = ref.b0_dir(args.b0_dir)
     b0_dir_src = "--b0-dir" if args.b0_dir is not None else "sidecar B0_dir or affine"
-    res = run_pipeline(phase, mag, te, b0, mask=mask, voxel_size=ref.voxel_size, b0_dir=b0_dir,
-                       unwrap=args.unwrap, unwrap_params=un_p, bfr=args.bfr, bfr_params=bfr_p,
-                       inversion=args.inversion, inv_params=inv_p, mask_params=mask_p, quiet=args.quiet)
+    import sys
+    import warnings
+
+    from qsmlab.recon.inversion.auto import AutoWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AutoWarning)
+        res = run_pipeline(phase, mag, te, b0, mask=mask, voxel_size=ref.voxel_size, b0_dir=b0_dir,
+                           unwrap=args.unwrap, unwrap_params=un_p, bfr=args.bfr, bfr_params=bfr_p,
+                           inversion=args.inversion, inv_params=inv_p, mask_params=mask_p, quiet=args.quiet)
+    for w in caught:
+        if issubclass(w.category, AutoWarning):
+            print(f"qsmlab pipeline: warning: {w.message}", file=sys.stderr)
     prov = dict(res["provenance"])
     prov["inputs"] = {"phase": [str(v.path) for v in ph_vols], "magnitude": [str(v.path) for v in mag_vols],
                       "mask": args.mask, "te_source": te_src, "b0_source": b0_src, "b0_dir_source": b0_dir_src}
@@ -128,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.outdir)
     written = _save_outputs(out, res, prov, ref)
     if not args.quiet:
+        inv_step = prov["steps"][-1]
+        for r in inv_step.get("auto", []):
+            src = inv_step.get("noise_std_ppm", {}).get("source", r.get("noise_source") or "")
+            print(f"qsmlab pipeline: {args.inversion}: {r['parameter']}=auto -> {r['value']:.3g} "
+                  f"({r['criterion']}{', noise ' + format(r['noise_std'], '.2g') + ' ppm from ' + src if r.get('noise_std') else ''})")
         print(f"qsmlab pipeline: chi range [{np.min(res['chi']):.3f}, {np.max(res['chi']):.3f}] ppm; "
               f"wrote {', '.join(p.name for p in written)} to {out}")
     return 0

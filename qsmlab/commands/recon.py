@@ -15,6 +15,12 @@ set with --param NAME=VALUE (repeatable), e.g. 'qsmlab recon tkd --param thresho
 The output is float32 NIfTI with the field's affine and header, plus a JSON sidecar (same name, .json)
 recording the method, parameters, B0_dir (B0_dirs for cosmos), voxel size and qsmlab version.
 
+Regularisation weights default to 'auto': chosen from the data, without ground truth, by the discrepancy
+principle (tv, nltv, medi, ndi: the misfit equals the field's noise, estimated from its high-pass content
+unless --param noise_std=PPM is given; lsqr: its stopping rule) or the L-curve corner (cfl2, cg). The value
+chosen is printed and written to the sidecar ("auto"); a search that cannot apply its criterion warns
+and says which value it used. Give a number (e.g. --param alpha=3e-4) to fix the weight.
+
 COSMOS takes several co-registered fields: '--field F1 F2 F3' with one '--b0-dir X Y Z' per field (in
 the same order), or B0 directions from each field's sidecar/affine; --mask is one mask or one per field.
 """
@@ -26,9 +32,12 @@ def _methods_epilog() -> str:
 
     lines = ["methods (--param NAME=VALUE, defaults shown):"]
     for name in registry.names("inversion"):
-        params = registry.parameters(registry.get("inversion", name))
+        fn = registry.get("inversion", name)
+        params = registry.parameters(fn)
+        title = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(no parameters)"
-        lines.append(f"  {name:8s} {shown}")
+        lines.append(f"  {name:8s} {title}")
+        lines.append(f"  {'':8s} {shown}")
     return "\n".join(lines)
 
 
@@ -137,12 +146,24 @@ def run(args) -> int:
     cosmos = args.method == "cosmos"
     fields, masks, mag = _load_inputs(args, cosmos)
     b0_dirs, vs = _geometry(args, fields, args.voxel_size)
-    if cosmos:
-        chi = fn([v.data for v in fields], masks, b0_dirs=b0_dirs, voxel_size=tuple(vs), quiet=args.quiet,
-                 **params)
-    else:
-        chi = fn(fields[0].data, masks[0], voxel_size=tuple(vs), b0_dir=tuple(b0_dirs[0]), magnitude=mag,
-                 quiet=args.quiet, **params)
+    import sys
+    import warnings
+
+    from qsmlab.recon.inversion import auto
+
+    auto.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", auto.AutoWarning)
+        if cosmos:
+            chi = fn([v.data for v in fields], masks, b0_dirs=b0_dirs, voxel_size=tuple(vs), quiet=args.quiet,
+                     **params)
+        else:
+            chi = fn(fields[0].data, masks[0], voxel_size=tuple(vs), b0_dir=tuple(b0_dirs[0]), magnitude=mag,
+                     quiet=args.quiet, **params)
+    auto_warnings = [str(w.message) for w in caught if issubclass(w.category, auto.AutoWarning)]
+    for msg in auto_warnings:  # one line each, also when --quiet: the user must know a fallback was used
+        print(f"qsmlab recon: warning: {msg}", file=sys.stderr)
+    chosen = auto.last()
     if not np.all(np.isfinite(chi)):
         raise QSMInputError(f"{args.method}: produced non-finite values; check the parameters {params}")
     path = save_nifti(out, chi, like=fields[0])
@@ -161,7 +182,14 @@ def run(args) -> int:
         "units": "ppm",
         "qsmlab_version": __version__,
     }
+    if chosen:
+        meta["chosen"] = {r.parameter: r.value for r in chosen}
+        meta["auto"] = [r.as_dict() for r in chosen]
+    if auto_warnings:
+        meta["warnings"] = auto_warnings
     atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2) + "\n")
     if not args.quiet:
+        for r in chosen:
+            print(f"{args.method}: {r.summary()}")
         print(f"wrote {path} ({args.method})")
     return 0

@@ -10,7 +10,11 @@ Steps (each recorded with its method and effective parameters in ``provenance``)
 3. **echo fit**: magnitude²-weighted linear fit over TE with an intercept -> total field (ppm), phase
    offset (rad), fit residual (rad) (:func:`qsmlab.recon.echo_fit.fit_field`).
 4. **background**: ``registry.get("background", bfr)`` -> local field (ppm) and the valid mask.
-5. **inversion**: ``registry.get("inversion", inversion)`` on the valid mask -> chi (ppm).
+5. **inversion**: ``registry.get("inversion", inversion)`` on the valid mask -> chi (ppm). A weight left
+   at ``auto`` (the default of every regularised method) is chosen from the data; for the discrepancy
+   principle its noise level comes from the echo fit's residual (:func:`echo_fit_noise_std`, three echoes
+   or more) unless ``noise_std`` is given. The chosen values, the noise level and any warning of the search
+   are recorded in the step's provenance (``auto``, ``warnings``).
 
 Units: phase rad, TE s, B0 T, fields and chi ppm; arrays in NIfTI voxel order (X, Y, Z[, E]); ``b0_dir``
 a unit vector in voxel axes.
@@ -19,6 +23,7 @@ a unit vector in voxel axes.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +31,7 @@ from tqdm.auto import tqdm
 
 from qsmlab import __version__
 from qsmlab.errors import QSMInputError
+from qsmlab.physics import units
 from qsmlab.physics.geometry import normalize_b0_dir
 from qsmlab.recon import registry
 from qsmlab.recon.echo_fit import combine_magnitude, correct_cycle_slips, cycle_ppm, fit_field
@@ -47,6 +53,33 @@ def check_phase_radians(phase: np.ndarray, name: str = "phase") -> None:
             f"{name}: values span [{lo:g}, {hi:g}], wider than 2π, so not wrapped radians (vendor integers?); "
             f"rescale first: phase_rad = (value - {lo:g}) / ({hi:g} - {lo:g}) * 2π - π, or value * π / 4096 for "
             f"-4096..4095 data")
+
+
+def echo_fit_noise_std(residual: np.ndarray, magnitude: np.ndarray, te: Sequence[float], b0_tesla: float,
+                       mask: np.ndarray) -> float | None:
+    """Noise sd (ppm) of the fitted field from the echo fit's residual, or None with fewer than 3 echoes.
+
+    :func:`qsmlab.recon.echo_fit.fit_field` weights echo n by ``w_n = m_n^2`` (phase noise sd ``s / m_n``)
+    and reports ``rho = sqrt(sum w r^2 / sum w)``; with 2 parameters per voxel, ``sum w r^2 ~ (E - 2) s^2``,
+    so ``s^2 ~ rho^2 sum w / (E - 2)``, and the slope's sd is ``s / sqrt(sum w (TE - TE_w)^2)`` (rad/s),
+    converted to ppm. Returns the RMS over ``mask`` of that per-voxel sd, its top 1 % clipped (voxels whose
+    phase is not linear in TE, e.g. flow, would otherwise decide the level for the whole brain).
+    """
+    te = np.asarray(te, dtype=np.float64)
+    if te.size < 3 or not np.any(mask):
+        return None
+    w = np.asarray(magnitude, dtype=np.float64)[mask] ** 2
+    sw = w.sum(-1)
+    tw = (w * te).sum(-1) / np.maximum(sw, 1e-300)
+    spread = (w * (te - tw[:, None]) ** 2).sum(-1)
+    s2 = np.asarray(residual, dtype=np.float64)[mask] ** 2 * sw / (te.size - 2)
+    sd = units.rad_to_ppm(np.sqrt(s2 / np.maximum(spread, 1e-300)), 1.0, b0_tesla)
+    sd = sd[np.isfinite(sd)]
+    if sd.size == 0:
+        return None
+    sd = np.minimum(sd, np.percentile(sd, 99))
+    v = float(np.sqrt(np.mean(sd**2)))
+    return v if v > 0 else None
 
 
 def _resolve(family: str, name: str, params: dict | None) -> tuple:
@@ -193,11 +226,32 @@ def run_pipeline(
         bar.update()
 
         bar.set_postfix_str(f"inversion ({inversion})")
+        from qsmlab.recon.inversion import auto
+
         extra = {"quiet": quiet} if _takes_quiet(inv_fn) else {}
-        chi = inv_fn(local * valid, valid, voxel_size=tuple(vs), b0_dir=tuple(b0_dir), magnitude=mag_comb,
-                     **extra, **inv_user)
+        step = {"step": "inversion", "method": inversion, "params": inv_eff}
+        uses_auto = any(registry.is_auto(inv_eff.get(k)) for k in registry.auto_parameters(inv_fn))
+        if uses_auto and "noise_std" in inv_eff and inv_user.get("noise_std") is None:
+            sd = echo_fit_noise_std(fit.residual, magnitude, te, b0_tesla, valid)
+            if sd is not None:
+                extra["noise_std"] = sd
+                step["noise_std_ppm"] = {"value": sd, "source": "echo-fit residual"}
+        auto.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", auto.AutoWarning)
+            chi = inv_fn(local * valid, valid, voxel_size=tuple(vs), b0_dir=tuple(b0_dir), magnitude=mag_comb,
+                         **extra, **inv_user)
         chi = np.asarray(chi, dtype=np.float64) * valid
-        steps.append({"step": "inversion", "method": inversion, "params": inv_eff})
+        chosen = auto.last()
+        if chosen:
+            step["auto"] = [r.as_dict() for r in chosen]
+            step["chosen"] = {r.parameter: r.value for r in chosen}
+        auto_warnings = [str(w.message) for w in caught if issubclass(w.category, auto.AutoWarning)]
+        if auto_warnings:
+            step["warnings"] = auto_warnings
+        for w in caught:  # the caller sees them too (the CLI prints each as one line)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        steps.append(step)
         bar.update()
 
     provenance = _jsonable({

@@ -10,7 +10,10 @@ Every registered function has the signature of its family:
 - ``unwrap``: ``fn(phase, mask=None, *, voxel_size=(1,1,1), magnitude=None, **params) -> unwrapped``.
 
 Parameters are keyword-only with defaults and units in the docstring; :func:`call` checks parameter names
-so that ``--param lamda=1`` fails with a one-line error listing the accepted names.
+so that ``--param lamda=1`` fails with a one-line error listing the accepted names. A regularisation weight
+whose default is :data:`AUTO` (``"auto"``) takes a number or ``auto`` (chosen from the data, see
+:mod:`qsmlab.recon.inversion.auto`); ``auto`` on any other parameter is a one-line error naming the
+parameters that accept it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import inspect
 from collections.abc import Callable
 
 from qsmlab.errors import QSMInputError
+
+AUTO = "auto"
+"""Default (and accepted value) of a regularisation weight the method chooses from the data."""
 
 REGISTRIES: dict[str, dict[str, Callable]] = {"inversion": {}, "background": {}, "unwrap": {}}
 # Arguments filled by the caller, not by --param.
@@ -64,6 +70,16 @@ def parameters(fn: Callable) -> dict[str, object]:
     return out
 
 
+def is_auto(value) -> bool:
+    """True for ``"auto"`` (any case, surrounding blanks ignored)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def auto_parameters(fn: Callable) -> list[str]:
+    """Names of ``fn``'s parameters whose default is :data:`AUTO`."""
+    return [k for k, v in parameters(fn).items() if is_auto(v)]
+
+
 def check_params(family: str, name: str, params: dict) -> dict:
     """Validate ``params`` against the method's signature, converting strings to the default's type."""
     return convert_params(get(family, name), params, f"{family} method {name!r}", name)
@@ -80,7 +96,21 @@ def convert_params(fn: Callable, params: dict, what: str, short: str | None = No
             raise QSMInputError(f"unknown parameter {k!r} for {what}; "
                                 f"accepted: {', '.join(sorted(known)) or '(none)'}")
         default = known[k]
-        if isinstance(v, str) and default is None:
+        if is_auto(v):
+            if not is_auto(default):
+                autos = auto_parameters(fn)
+                raise QSMInputError(
+                    f"parameter {k}=auto for {name!r}: only a regularisation weight can be chosen "
+                    + (f"automatically, and for {name!r} that is {', '.join(autos)}" if autos
+                       else f"automatically, and {name!r} has none; give {k} a value"))
+            out[k] = AUTO
+            continue
+        if isinstance(v, str) and is_auto(default):
+            try:
+                v = float(v)
+            except ValueError:
+                raise QSMInputError(f"parameter {k}={v!r} for {name!r}: expected a number or auto") from None
+        elif isinstance(v, str) and default is None:
             v = _parse_untyped(v)
         elif isinstance(v, str) and default is not inspect.Parameter.empty:
             try:

@@ -17,18 +17,78 @@ iteration is ``A chi`` and ``A^T r``: two rfftn + irfftn pairs (``FFT_PAIRS_PER_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from qsmlab.errors import QSMInputError
+from qsmlab.recon.inversion.gradients import grad, grad_symbol_sq
 from qsmlab.recon.inversion.nltv import DEFAULT_PHASE_SCALE
-from qsmlab.recon.inversion.tv import DTYPE, Monitor, check_iterations, check_positive, prepare, zeros
+from qsmlab.recon.inversion.tv import (
+    DTYPE,
+    Monitor,
+    Problem,
+    check_iterations,
+    check_positive,
+    complex_filter,
+    prepare,
+    zeros,
+)
 from qsmlab.recon.registry import register
 
 FFT_PAIRS_PER_ITER = 2
 last_info: dict = {}
+
+
+class _Descent:
+    """NDI's projected gradient descent on a prepared problem (normalised units), resumable at other
+    weights (the warm start of the ``"auto"`` search)."""
+
+    def __init__(self, p: Problem, s: float, step: float):
+        T = torch.from_numpy
+        self.p, self.s, self.step = p, s, step
+        self.w2_s, self.f = T(p.w2 / s), T(p.field)
+        support = np.zeros(p.grid, DTYPE)
+        n = p.shape
+        support[: n[0], : n[1], : n[2]] = p.mask
+        self.support = T(support)
+        self.e2 = grad_symbol_sq(p.grid, p.voxel_size, rfft=True, dtype=np.float64)
+        self.chi, self.work = zeros(p.grid), zeros(p.grid)
+
+    def effective_step(self, tikhonov: float, lam_grad: float) -> float:
+        """The step, capped at 1.9 / L: L <= max(W^2) max(D^2) + lam_grad max|E|^2 + tikhonov is the
+        gradient's Lipschitz constant (D^2 <= 4/9, W <= 1)."""
+        lip = 4.0 / 9.0 + lam_grad * float(self.e2.max()) + tikhonov
+        return min(self.step, 1.9 / lip)
+
+    def run(self, tikhonov: float, lam_grad: float, mon: Monitor) -> float:
+        """Iterate ``chi <- M (chi - step grad)`` with
+        ``grad = A^T [W^2/s sin(s (A chi - f))] + lam_grad G^T G chi + tikhonov chi``; the last two terms
+        are applied in k-space with A^T (no extra FFT). Returns the step used."""
+        p, fft = self.p, self.p.fft
+        step = self.effective_step(tikhonov, lam_grad)
+        reg = complex_filter((lam_grad * self.e2 + tikhonov).astype(DTYPE)) if lam_grad or tikhonov else None
+        neg_step_support = self.support * (-step)
+        for _ in mon:
+            X = fft.forward(self.chi)
+            r = fft.inverse(X * p.Dc)
+            torch.sub(r, self.f, out=r).mul_(self.s).sin_().mul_(self.w2_s)
+            G = fft.forward(r).mul_(p.Dc)
+            if reg is not None:
+                G.addcmul_(X, reg)
+            g = fft.inverse(G)
+            chi_old, self.chi = self.chi, torch.addcmul(self.chi, g, neg_step_support, out=g)
+            if mon.converged(self.chi, chi_old, self.work):
+                break
+        return step
+
+
+#: ``tikhonov="auto"``: candidate weights (unitless), strong to weak, 1/3 decade apart, and the iterations
+#: per candidate (warm-started from the previous one).
+NDI_AUTO_GRID = tuple(float(v) for v in np.logspace(-0.5, -4.0, 11))
+AUTO_ITERATIONS = 15
 
 
 @register("inversion", "ndi")
@@ -42,12 +102,14 @@ def ndi(
     pad_factor: float = 1.0,
     phase_scale: float = DEFAULT_PHASE_SCALE,
     step: float = 4.0,
-    tikhonov: float = 0.0,
+    tikhonov: float | str = "auto",
+    lam_grad: float = 0.0,
+    noise_std: float | None = None,
     max_iter: int = 100,
     tol: float = 1e-3,
     quiet: bool = False,
 ) -> np.ndarray:
-    """Nonlinear dipole inversion by gradient descent (Polak et al., NMR Biomed 2020).
+    """Nonlinear dipole inversion by gradient descent (Polak et al., NMR Biomed 2020), with Tikhonov terms.
 
     Args:
         field: local field (ppm), (X, Y, Z); may be wrapped modulo ``2 pi / phase_scale``.
@@ -57,49 +119,68 @@ def ndi(
         magnitude: optional magnitude; ``W = mask * magnitude / max`` weights the data term.
         pad_factor: zero padding of the FFT grid per axis (1 = periodic, default).
         phase_scale: rad/ppm, default ``qsmlab.physics.units.phase_scale(0.02, 3.0)`` (TE 20 ms, 3 T).
-        step: gradient step (default 4, stable below 4.5).
-        tikhonov: Tikhonov weight on ``||chi||^2`` (default 0: plain NDI with early stopping).
+        step: gradient step (default 4, stable below 4.5 without regularisation; capped at 1.9 / L with it).
+        tikhonov: weight of ``1/2 ||chi||^2`` (unitless, so independent of the field's scale) or
+            ``"auto"`` (default): the discrepancy principle on NDI's misfit
+            (:mod:`qsmlab.recon.inversion.auto`), by continuation. 0 with ``lam_grad=0`` is plain NDI,
+            regularised by early stopping only, which leaves streaks on in-vivo-like fields (84 % NRMSE vs
+            68 % with tikhonov 0.01 on a 96^3 in-vivo-like crop; the gradient term alone reached 76 %).
+        lam_grad: weight of ``1/2 ||grad chi||^2`` (mm^2, default 0), a smoothness term the user can add.
+        noise_std: noise sd of the field (ppm) for ``"auto"``; default: estimated from the field.
         max_iter: maximum iterations (default 100).
         tol: stop when the relative update of chi falls below ``tol`` (default 1e-3).
         quiet: hide the progress bar.
     Returns:
-        chi (ppm), (X, Y, Z) float32, zero outside the mask. ``last_info``: ``n_iter``, ``converged``,
-        ``last_update``, ``objective`` (before the last update), ``fft_pairs``.
+        chi (ppm), (X, Y, Z) float32, zero outside the mask. ``last_info``: ``tikhonov``, ``lam_grad``, ``step``,
+        ``n_iter``, ``converged``, ``last_update``, ``objective`` (ppm^2, before the last update),
+        ``fft_pairs`` and, with ``"auto"``, ``auto`` (the search).
     """
+    from qsmlab.recon.inversion import auto
+    from qsmlab.recon.inversion.nltv import nonlinear_misfit
+
     name = "ndi"
     s = check_positive("phase_scale", phase_scale, name)
     step = check_positive("step", step, name)
-    if not np.isfinite(float(tikhonov)) or float(tikhonov) < 0:
-        raise QSMInputError(f"{name}: parameter tikhonov must be >= 0, got {tikhonov}")
-    tikhonov = float(tikhonov)
+    tikhonov = auto.check_weight(tikhonov, "tikhonov", name, allow_zero=True)
+    noise_std = auto.check_noise_std(noise_std, name)
+    if not np.isfinite(float(lam_grad)) or float(lam_grad) < 0:
+        raise QSMInputError(f"{name}: parameter lam_grad must be >= 0, got {lam_grad}")
+    lam_grad = float(lam_grad)
     max_iter, tol = check_iterations(max_iter, tol, name)
     p = prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor, name)
+    sn = s * p.scale  # rad per normalised field unit
+    gd = _Descent(p, sn, step)
+    extra = {}
+    if tikhonov == auto.AUTO:
+        t0 = time.perf_counter()
+        n = p.shape
+        sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask,
+                                                     noise_std, p.scale)
 
-    # The loop runs on torch tensors (multi-threaded; see tv.RealFFT).
-    T = torch.from_numpy
-    w2_s, f = T(p.w2 / s), T(p.field)
-    # chi stays 0 outside the support, so M (chi - step g) = chi - g * (step M): one fused pass.
-    support = np.zeros(p.grid, DTYPE)
-    n = p.shape
-    support[: n[0], : n[1], : n[2]] = p.mask
-    step_support = T(-step * support)
-    keep = 1.0 - step * tikhonov
-    chi, work = zeros(p.grid), zeros(p.grid)
+        def solve(tk: float) -> tuple[float, int]:
+            mon_ = Monitor(AUTO_ITERATIONS, 0.0, "NDI", True)
+            gd.run(tk, lam_grad, mon_)
+            return nonlinear_misfit(p, gd.chi.numpy(), sn), mon_.n_iter
+
+        res = auto.discrepancy_search(name, "tikhonov", NDI_AUTO_GRID, solve, sigma=sigma, sigma_ppm=sigma_ppm,
+                                      noise_source=source, scale=p.scale, units=float)
+        tk = res.solver_value
+    else:
+        tk = float(tikhonov)
     mon = Monitor(max_iter, tol, "NDI", quiet)
-    for _ in mon:
-        r = p.A(chi)
-        torch.sub(r, f, out=r).mul_(s).sin_().mul_(w2_s)
-        r = p.A(r)  # A^T = A
-        chi_old, chi = chi, torch.addcmul(chi, r, step_support, out=r)
-        if tikhonov:
-            chi.add_(chi_old, alpha=keep - 1.0)
-        if mon.converged(chi, chi_old, work):
-            break
-    chi = chi.numpy()
-    res = p.A(chi) - p.field
-    data = float(np.sum(p.w2 * (1.0 - np.cos(s * res)), dtype=np.float64) / s**2)
+    used_step = gd.run(tk, lam_grad, mon)
+    if tikhonov == auto.AUTO:
+        res.iterations += mon.n_iter
+        res.seconds = time.perf_counter() - t0
+        extra["auto"] = auto.record(res).as_dict()
+    chi = gd.chi.numpy()
+    res_ = p.A(chi) - p.field
+    data = float(np.sum(p.w2 * (1.0 - np.cos(sn * res_)), dtype=np.float64) / sn**2)
+    penalty = 0.5 * tk * float(np.sum(chi * chi, dtype=np.float64))
+    if lam_grad:
+        penalty += 0.5 * lam_grad * float(np.sum(grad(chi, p.voxel_size) ** 2, dtype=np.float64))
     last_info.clear()
     last_info.update(n_iter=mon.n_iter, converged=mon.last_update < mon.tol, last_update=mon.last_update,
-                     objective=data + 0.5 * tikhonov * float(np.sum(chi * chi, dtype=np.float64)),
-                     fft_pairs=FFT_PAIRS_PER_ITER * mon.n_iter)
+                     objective=p.scale**2 * (data + penalty), fft_pairs=FFT_PAIRS_PER_ITER * mon.n_iter,
+                     tikhonov=tk, lam_grad=lam_grad, step=used_step, scale=p.scale, **extra)
     return p.crop(chi)

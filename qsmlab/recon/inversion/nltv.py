@@ -27,11 +27,13 @@ from qsmlab.recon.inversion.gradients import grad
 from qsmlab.recon.inversion.tv import (
     DataProx,
     Problem,
-    admm_tv,
+    _check_alpha,
+    _check_noise,
     check_iterations,
     check_positive,
     prepare,
     record,
+    solve_tv_family,
 )
 from qsmlab.recon.registry import register
 
@@ -59,6 +61,14 @@ def nonlinear_prox(p: Problem, mu: float, s: float) -> DataProx:
     return dual
 
 
+def nonlinear_misfit(p: Problem, chi: np.ndarray, s: float) -> float:
+    """RMS of ``W |exp(i s A chi) - exp(i s f)| / s`` over the RMS of ``W`` in the mask (field units; the
+    linear :func:`qsmlab.recon.inversion.tv.rms_misfit` for small residuals, blind to phase wraps)."""
+    r = p.A(chi) - p.field
+    return float(np.sqrt(2.0 * np.sum(p.w2 * (1.0 - np.cos(s * r)), dtype=np.float64)
+                         / max(np.sum(p.w2, dtype=np.float64), 1e-30)) / s)
+
+
 def nltv_objective(p: Problem, chi: np.ndarray, alpha: float, s: float) -> float:
     r = p.A(chi) - p.field
     return float(np.sum(p.w2 * (1.0 - np.cos(s * r)), dtype=np.float64) / s**2
@@ -75,7 +85,8 @@ def nltv_admm(
     magnitude: np.ndarray | None = None,
     pad_factor: float = 1.0,
     phase_scale: float = DEFAULT_PHASE_SCALE,
-    alpha: float = 5e-5,
+    alpha: float | str = "auto",
+    noise_std: float | None = None,
     mu_grad: float | None = None,
     mu_field: float = 1.0,
     max_iter: int = 100,
@@ -93,23 +104,35 @@ def nltv_admm(
         pad_factor: zero padding of the FFT grid per axis (1 = periodic, default).
         phase_scale: rad of phase per ppm of field, ``2 pi gamma_bar B0 TE``; default
             ``qsmlab.physics.units.phase_scale(0.02, 3.0)`` (TE 20 ms at 3 T, ~16.05 rad/ppm).
-        alpha: TV weight (same scale as ``tv``; default 5e-5).
-        mu_grad: ADMM penalty of ``z = grad chi`` (default ``100 * alpha``).
+        alpha: TV weight (ppm, same scale as ``tv``) or ``"auto"`` (default; as ``tv``: the L-curve's
+            discrepancy principle, on this method's own (nonlinear) data misfit).
+        noise_std: noise sd of the field (ppm) for ``alpha="auto"``; default: estimated (as ``tv``).
+        mu_grad: ADMM penalty of ``z = grad chi`` in the solver's units (default: as ``tv``).
         mu_field: ADMM penalty of ``u = A chi`` (default 1).
         max_iter: maximum ADMM iterations (default 100).
         tol: relative-update stopping tolerance on chi (default 1e-3).
         quiet: hide the progress bar.
     Returns:
         chi (ppm), (X, Y, Z) float32, zero outside the mask; ``last_info`` as in ``tv``.
+
+    The solver works on field / RMS (:func:`qsmlab.recon.inversion.tv.field_scale`) with the phase scale
+    times RMS, which is the same data term: a field in other units (times c, ``phase_scale`` / c) gives
+    chi times c.
     """
     name = "nltv"
     s = check_positive("phase_scale", phase_scale, name)
-    check_positive("alpha", alpha, name)
-    mu_grad = check_positive("mu_grad", 100.0 * alpha if mu_grad is None else mu_grad, name)
+    alpha = _check_alpha(alpha, name)
+    noise_std = _check_noise(noise_std, name)
+    if mu_grad is not None:
+        check_positive("mu_grad", mu_grad, name)
     check_positive("mu_field", mu_field, name)
     max_iter, tol = check_iterations(max_iter, tol, name)
     p = prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor, name)
-    chi, mon = admm_tv(p, nonlinear_prox(p, mu_field, s), p.field, alpha=alpha, mu_grad=mu_grad,
-                       mu_field=mu_field, max_iter=max_iter, tol=tol, desc="NLTV-ADMM", quiet=quiet)
-    record(mon, nltv_objective(p, chi, alpha, s), last_info, FFT_PAIRS_PER_ITER * mon.n_iter)
+    sn = s * p.scale  # rad per normalised field unit
+    chi, mon, a, found = solve_tv_family(
+        p, lambda mu: nonlinear_prox(p, mu, sn), name, alpha, noise_std=noise_std, mu_grad=mu_grad,
+        mu_field=mu_field, max_iter=max_iter, tol=tol, desc="NLTV-ADMM", quiet=quiet,
+        misfit=lambda q, chi: nonlinear_misfit(q, chi, sn))
+    record(mon, p.scale**2 * nltv_objective(p, chi, a, sn), last_info, FFT_PAIRS_PER_ITER * mon.n_iter)
+    last_info.update(alpha=a * p.scale, scale=p.scale, **found)
     return p.crop(chi)

@@ -1,0 +1,276 @@
+"""``auto``: a regularisation weight chosen from the data, without ground truth.
+
+Two published criteria, each where its assumptions hold:
+
+**Discrepancy principle** (Morozov, Soviet Math. Dokl. 1966; for QSM e.g. Liu et al. (MEDI),
+NeuroImage 2012) for the methods that fit the field inside the mask (tv, nltv, medi, ndi, cg): the weight
+is the one whose solution leaves a data misfit equal to the noise,
+
+    mean_mask( W^2 (A chi_w - f)^2 ) = tau^2 * sigma^2 * mean_mask( W^2 ),    tau = 1,
+
+with ``sigma`` the field's noise sd (ppm): given (``noise_std``, e.g. from the echo fit's residual in
+:func:`qsmlab.recon.pipeline.run_pipeline`) or estimated from the field's high-pass content
+(:func:`estimate_noise_std`: the median absolute deviation of its Laplacian; a local field is smooth
+except at susceptibility edges, so the Laplacian is mostly noise). Why this one: the misfit is monotone
+in the weight, so the target is bracketed by a walk from strong to weak regularisation and interpolated,
+with no derivative of a noisy curve; on in-vivo-like fields (``benchmarks/compare_classical.py``) the
+oracle weight's residual is 1.0-1.25 sigma, and the chosen weight lands within a few % of the oracle
+NRMSE. The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
+(15-30 % in NRMSE, as Milovic et al., MRM 2021, report), and its zero-curvature variant was unstable
+(the curvature of TV L-curves of in-vivo-like fields stays positive over a decade on some subjects).
+
+**L-curve corner** (Hansen, SIAM Review 1992) for CFL2: it solves the periodic problem without a mask
+(the zero field outside the mask is data), so its in-mask misfit never falls to the noise level and the
+discrepancy principle does not apply; its whole-grid L-curve ``(log ||A chi - f||^2, log ||G chi||^2)`` is
+exact and free in k-space, and its maximum curvature is the weight Bilgic et al. (MRM 2014) choose
+(curvature by cubic-spline derivatives, sign as in their and FANSI's code: positive at the corner).
+
+Scale: every solver works on field / RMS(field) (:func:`qsmlab.recon.inversion.tv.field_scale`), the
+grids are relative to it and both criteria are homogeneous (the noise estimate and the misfit scale with
+the field), so multiplying the field by c multiplies chi and the chosen L1 weight by c and leaves an L2
+weight (unitless) unchanged. Cost: each candidate is warm-started from the previous (stronger) one with a
+few iterations, and the walk stops at the bracket; ``benchmarks/compare_classical.py`` prints auto's time
+over one solve.
+
+When the criterion cannot be met (the field is at the noise level already at the strongest weight, or
+its misfit stays above the noise at the weakest one: a flat misfit curve; or an L-curve without corner),
+a one-line :class:`AutoWarning` names the weight used instead, also kept in :attr:`AutoResult.note`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from scipy.interpolate import CubicSpline
+
+from qsmlab.errors import QSMInputError
+from qsmlab.recon.registry import AUTO, is_auto
+
+__all__ = ["AUTO", "AutoResult", "AutoWarning", "check_weight", "clear", "curvature", "discrepancy_search",
+           "estimate_noise_std", "is_auto", "last", "lcurve_corner", "record"]
+
+#: Smallest curvature that counts as an L-curve corner (a straight line has 0; CFL2's L-curves of
+#: in-vivo-like fields peak at 0.15-0.2 in the sign convention used here).
+MIN_CORNER_CURVATURE = 0.02
+
+
+class AutoWarning(UserWarning):
+    """``auto`` could not apply its criterion and used another weight (the message says which)."""
+
+
+@dataclass
+class AutoResult:
+    """What an ``auto`` search tried and chose; JSON-serialisable through :meth:`as_dict`.
+
+    ``weights`` and ``value`` are in the user's units (an L1 weight scales with the field: ppm; an L2
+    weight is unitless); ``misfit`` is the in-mask RMS data residual (ppm) of each candidate and
+    ``target`` the noise level it was compared with (discrepancy), or the L-curve terms (corner).
+    """
+
+    method: str
+    parameter: str
+    value: float
+    criterion: str
+    weights: list[float] = field(default_factory=list)
+    misfit: list[float] = field(default_factory=list)
+    target: float = float("nan")
+    noise_std: float = float("nan")
+    noise_source: str = ""
+    reg_term: list[float] = field(default_factory=list)
+    curvature: list[float] = field(default_factory=list)
+    found: bool = True
+    note: str = ""
+    iterations: int = 0
+    seconds: float = 0.0
+    solver_value: float = float("nan")
+
+    def as_dict(self) -> dict:
+        """Plain dict; NaN (a field that does not apply to the criterion) becomes None, for strict JSON."""
+        def clean(v):
+            if isinstance(v, float) and not np.isfinite(v):
+                return None
+            return [clean(x) for x in v] if isinstance(v, list) else v
+
+        return {k: clean(v) for k, v in asdict(self).items()}
+
+    def summary(self) -> str:
+        """One line, e.g. ``alpha=3.1e-04 (auto: discrepancy principle, noise 0.0021 ppm, 6 weights, 4.2 s)``."""
+        if not self.found:
+            return f"{self.parameter}={self.value:.3g} (auto: {self.note}; {self.seconds:.1f} s)"
+        if self.criterion == "discrepancy":
+            how = f"discrepancy principle, noise {self.noise_std:.2g} ppm ({self.noise_source})"
+        else:
+            how = f"L-curve {self.criterion}"
+        return f"{self.parameter}={self.value:.3g} (auto: {how}, {len(self.weights)} weights, {self.seconds:.1f} s)"
+
+
+_LAST: list[AutoResult] = []
+
+
+def clear() -> None:
+    """Forget the recorded choices (callers do this before an inversion, then read :func:`last`)."""
+    _LAST.clear()
+
+
+def record(result: AutoResult) -> AutoResult:
+    _LAST.append(result)
+    return result
+
+
+def last() -> list[AutoResult]:
+    """The ``auto`` choices made since the last :func:`clear`."""
+    return list(_LAST)
+
+
+def check_weight(value, name: str, method: str, allow_zero: bool = False) -> float | str:
+    """``"auto"`` or a finite weight > 0 (>= 0 with ``allow_zero``); one-line error otherwise."""
+    if is_auto(value):
+        return AUTO
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise QSMInputError(f"{method}: parameter {name} must be a number or auto, got {value!r}") from None
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise QSMInputError(f"{method}: parameter {name} must be {'>= 0' if allow_zero else '> 0'} "
+                            f"or auto, got {value}")
+    return v
+
+
+def check_noise_std(noise_std, method: str) -> float | None:
+    if noise_std is None:
+        return None
+    try:
+        v = float(noise_std)
+    except (TypeError, ValueError):
+        raise QSMInputError(f"{method}: parameter noise_std must be a number (ppm), got {noise_std!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise QSMInputError(f"{method}: parameter noise_std must be > 0 ppm (or left unset to estimate it), "
+                            f"got {noise_std}")
+    return v
+
+
+def estimate_noise_std(field: np.ndarray, mask: np.ndarray) -> float:
+    """Robust sd (field units) of the white noise in a local field, from its high-pass content.
+
+    ``1.4826 * MAD(L f) / sqrt(42)`` over the mask eroded by two voxels, ``L`` the 7-point discrete
+    Laplacian (voxel units: ``sum of the 6 neighbours - 6 f``, which maps white noise of sd s to sd
+    ``sqrt(42) s``). A local field is harmonic where chi is constant (its Laplacian is
+    ``(1/3 lap - d_B^2) chi``), so ``L f`` is noise except at susceptibility edges, which the median
+    ignores. Measured on in-vivo-like fields: 1.1-1.4 x the true noise sd (edges and texture leak in);
+    the discrepancy principle's oracle residual is 1.0-1.25 x, so the bias is on the safe side.
+    Homogeneous of degree 1 in the field. Returns 0 for a field without high-pass content.
+    """
+    f = np.where(mask, np.asarray(field, dtype=np.float64), 0.0)
+    lap = -6.0 * f
+    for ax in range(3):
+        lap += np.roll(f, 1, ax) + np.roll(f, -1, ax)
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    if inner.sum() < 27:
+        inner = np.asarray(mask, bool)
+    v = lap[inner]
+    return float(1.4826 * np.median(np.abs(v - np.median(v))) / np.sqrt(42.0))
+
+
+def noise_target(field: np.ndarray, mask: np.ndarray, noise_std: float | None, scale: float
+                 ) -> tuple[float, str, float]:
+    """(sigma in ppm, where it came from, sigma in the solver's units field / scale)."""
+    if noise_std is not None:
+        return float(noise_std), "given", float(noise_std) / scale
+    s = estimate_noise_std(field, mask)
+    return s, "high-pass estimate", s / scale
+
+
+def discrepancy_search(method: str, parameter: str, weights: Sequence[float],
+                       solve: Callable[[float], tuple[float, int]], *, sigma: float, sigma_ppm: float,
+                       noise_source: str, scale: float, units: Callable[[float], float]) -> AutoResult:
+    """Walk ``weights`` (solver units, strictly decreasing) until the misfit falls to ``sigma``; the
+    chosen weight interpolates log weight linearly in log misfit between the bracketing candidates.
+
+    Args:
+        method, parameter: for messages and the record.
+        solve: ``solve(w) -> (rms_misfit, iterations)``, the in-mask RMS of ``W (A chi - f)`` over the RMS
+            of ``W`` (solver units); called in order, so it can warm-start from the previous call.
+        sigma: the target (noise sd) in solver units; ``sigma_ppm``, ``noise_source``: for the record.
+        scale: field scale (ppm); ``units``: solver weight -> user units.
+    Returns:
+        :class:`AutoResult` (``value`` in user units, ``solver_value`` in solver units, misfits in ppm).
+    """
+    t0 = time.perf_counter()
+    w = np.asarray(weights, dtype=np.float64)
+    mis, its, chosen, note = [], 0, None, ""
+    for k, wk in enumerate(w):
+        m, n = solve(float(wk))
+        mis.append(m)
+        its += n
+        if m <= sigma:
+            if k == 0:
+                chosen = float(wk)
+                note = (f"the misfit at the strongest {parameter} tried ({units(wk):.3g}) is already within the "
+                        f"noise ({sigma_ppm:.2g} ppm, {noise_source}): the field is at the noise level; used "
+                        f"{parameter}={units(wk):.3g}")
+            else:
+                # log-log interpolation between (w[k-1], mis[k-1]) above and (w[k], m) below the target
+                x0, x1 = np.log(mis[k - 1]), np.log(max(m, 1e-300))
+                t = (np.log(sigma) - x0) / (x1 - x0) if x1 != x0 else 1.0
+                chosen = float(np.exp(np.log(w[k - 1]) + t * (np.log(wk) - np.log(w[k - 1]))))
+            break
+    found = chosen is not None and not note
+    if chosen is None:
+        chosen = float(w[-1])
+        note = (f"the misfit stays above the noise ({sigma_ppm:.2g} ppm, {noise_source}) down to the weakest "
+                f"{parameter} tried (flat misfit curve, minimum {min(mis) * scale:.2g} ppm); used "
+                f"{parameter}={units(chosen):.3g}")
+    if note:
+        warnings.warn(AutoWarning(f"{method}: {parameter}=auto: {note}"), stacklevel=3)
+    return AutoResult(method=method, parameter=parameter, value=float(units(chosen)), criterion="discrepancy",
+                      weights=[float(units(v)) for v in w[: len(mis)]], misfit=[float(v * scale) for v in mis],
+                      target=float(sigma * scale), noise_std=float(sigma_ppm), noise_source=noise_source,
+                      found=found, note=note, iterations=its, seconds=time.perf_counter() - t0,
+                      solver_value=chosen)
+
+
+def curvature(log_weights: Sequence[float], log_data: Sequence[float], log_reg: Sequence[float]) -> np.ndarray:
+    """Curvature of the L-curve ``(log_data, log_reg)`` at each grid point, positive at its corner.
+
+    Cubic-spline derivatives along ``log_weights`` (increasing), as in Bilgic's and FANSI's code:
+    ``kappa = (D'' R' - R'' D') / (D'^2 + R'^2)^(3/2)`` with ``D``, ``R`` the log terms.
+    """
+    t = np.asarray(log_weights, dtype=np.float64)
+    x = CubicSpline(t, np.asarray(log_data, dtype=np.float64))
+    y = CubicSpline(t, np.asarray(log_reg, dtype=np.float64))
+    dx, dy, ddx, ddy = x(t, 1), y(t, 1), x(t, 2), y(t, 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (ddx * dy - ddy * dx) / (dx * dx + dy * dy) ** 1.5
+
+
+def lcurve_corner(method: str, parameter: str, weights: Sequence[float], data_term: Sequence[float],
+                  reg_term: Sequence[float], *, fallback: float) -> AutoResult:
+    """The weight of maximum L-curve curvature among the interior grid points (increasing ``weights``);
+    ``fallback`` with an :class:`AutoWarning` when the curve has no corner (max curvature below
+    :data:`MIN_CORNER_CURVATURE`: straight or flat)."""
+    t0 = time.perf_counter()
+    w = np.asarray(weights, dtype=np.float64)
+    d, r = np.asarray(data_term, np.float64), np.asarray(reg_term, np.float64)
+    ok = np.all(d > 0) and np.all(r > 0) and np.all(np.isfinite(d)) and np.all(np.isfinite(r))
+    kappa = curvature(np.log(w), np.log(d), np.log(r)) if ok else np.full(w.size, np.nan)
+    inner = kappa[1:-1]
+    i = int(np.nanargmax(inner)) + 1 if np.isfinite(inner).any() else None
+    found = bool(i is not None and kappa[i] >= MIN_CORNER_CURVATURE)
+    note = ""
+    if found:
+        chosen = float(w[i])
+    else:
+        chosen = float(fallback)
+        top = np.nanmax(inner) if np.isfinite(inner).any() else float("nan")
+        note = (f"no L-curve corner for {parameter} in [{w[0]:.3g}, {w[-1]:.3g}] (flat curve, maximum curvature "
+                f"{top:.2g} < {MIN_CORNER_CURVATURE}); used the fallback {parameter}={chosen:.3g}")
+        warnings.warn(AutoWarning(f"{method}: {parameter}=auto: {note}"), stacklevel=3)
+    return AutoResult(method=method, parameter=parameter, value=chosen, criterion="corner",
+                      weights=[float(v) for v in w], misfit=[float(v) for v in d], reg_term=[float(v) for v in r],
+                      curvature=[float(v) for v in kappa], found=found, note=note,
+                      seconds=time.perf_counter() - t0, solver_value=chosen)
