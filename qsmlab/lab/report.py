@@ -93,7 +93,8 @@ def best_frame(rep: dict, spec) -> pd.DataFrame:
     rows = [("trial", str(int(b["number"])))]
     rows += [(p, f"{b[f'params.{p}']:.4g}" if isinstance(b[f"params.{p}"], float) else str(b[f"params.{p}"]))
              for p in spec.search_space]
-    rows += [(k, f"{b[k]:.4g}") for k in rep["trials"].columns if k.startswith("val/") and pd.notna(b[k])]
+    rows += [(k, f"{b[k]:.4g}") for k in rep["trials"].columns
+             if k.startswith("val/") and k != "val/n_volumes" and pd.notna(b[k])]
     return pd.DataFrame(rows, columns=["", "best"])
 
 

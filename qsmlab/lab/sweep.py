@@ -224,6 +224,7 @@ class TrialObjective:
         if spec.pruner["name"] != "none":
             pruning = pruning_callback(trial, spec.metric)
             callbacks.append(pruning)
+        c0, t0 = time.process_time(), time.perf_counter()
         try:
             result = execute(
                 "fit", cfg, run_dir, loggers=spec.loggers, callbacks=callbacks,
@@ -242,11 +243,12 @@ class TrialObjective:
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
             raise
+        finally:  # pruned and failed trials too: the budget and the benchmark count their cost
+            trial.set_user_attr("cpu_seconds", round(time.process_time() - c0, 2))
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("fit_seconds", round(result.fit_seconds, 2))
-        trial.set_user_attr("cpu_seconds", round(result.cpu_seconds, 2))
         if spec.metric not in result.metrics:
             msg = (f"objective metric {spec.metric!r} was not logged by the model; logged: "
                    f"{', '.join(sorted(result.metrics)) or 'nothing (no validation data?)'}")
