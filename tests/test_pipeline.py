@@ -220,9 +220,11 @@ def test_cli_pipeline_writes_outputs_from_sidecars(echo_files, axial, tmp_path, 
     _need("background", "vsharp")
     _need("inversion", "cfl2")
     out = tmp_path / "out"
-    rc = main(["pipeline", "--phase", *echo_files["phase"], "--magnitude", *echo_files["mag"], "--quiet",
-               "-o", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    rc = main(["pipeline", "--phase", *echo_files["phase"], "--magnitude", *echo_files["mag"], "-o", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    # the default inversion's weight is chosen from the data, printed and recorded
+    assert "qsmlab pipeline: tv: alpha=auto -> " in printed.out and "echo-fit residual" in printed.out
     for name in ("total_field", "mask", "local_field", "chi"):
         img = nib.load(str(out / f"{name}.nii.gz"))
         assert img.shape == (N, N, N)
@@ -234,6 +236,7 @@ def test_cli_pipeline_writes_outputs_from_sidecars(echo_files, axial, tmp_path, 
     # the affine flips i: B0 (world z) in voxel axes is still +-z
     assert np.allclose(np.abs(meta["b0_dir"]), [0, 0, 1]) and meta["voxel_size_mm"] == [1.0, 1.0, 1.0]
     assert [s["step"] for s in meta["steps"]] == ["mask", "unwrap", "echo_fit", "background", "inversion"]
+    assert meta["steps"][-1]["chosen"]["alpha"] > 0
     assert meta["qsmlab_version"]
     assert (out / "chi.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chi = nib.load(str(out / "chi.nii.gz")).get_fdata()

@@ -144,9 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         inv_step = prov["steps"][-1]
         for r in inv_step.get("auto", []):
-            src = inv_step.get("noise_std_ppm", {}).get("source", r.get("noise_source") or "")
-            print(f"qsmlab pipeline: {args.inversion}: {r['parameter']}=auto -> {r['value']:.3g} "
-                  f"({r['criterion']}{', noise ' + format(r['noise_std'], '.2g') + ' ppm from ' + src if r.get('noise_std') else ''})")
+            how = r["criterion"]
+            if r.get("noise_std"):
+                src = inv_step.get("noise_std_ppm", {}).get("source") or r.get("noise_source")
+                how += f", noise {r['noise_std']:.2g} ppm from the {src}"
+            print(f"qsmlab pipeline: {args.inversion}: {r['parameter']}=auto -> {r['value']:.3g} ({how})")
         print(f"qsmlab pipeline: chi range [{np.min(res['chi']):.3f}, {np.max(res['chi']):.3f}] ppm; "
               f"wrote {', '.join(p.name for p in written)} to {out}")
     return 0

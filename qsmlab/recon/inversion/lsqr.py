@@ -14,9 +14,10 @@ the error (NRMSE ~44 % vs ~21 % at 48^3).
 
 - ``lsqr``: Paige & Saunders' LSQR (``scipy.sparse.linalg.lsqr``'s iteration, :func:`lsqr_solve`) on
   the stacked system ``[W A; sqrt(lam_grad) G] chi = [W field; 0]`` with ``damp = sqrt(lam)``. Stopping
-  after a few tens of iterations is itself a regulariser (semi-convergence); this is the first stage of
-  iLSQR (Li et al., "A method for estimating and removing streaking artifacts in quantitative
-  susceptibility mapping", NeuroImage 2015), without its streaking-artefact estimation steps.
+  early is itself a regulariser (semi-convergence); by default it stops by the discrepancy principle
+  (``max_iter="auto"``). This is only the first stage of iLSQR (Li et al., "A method for estimating and
+  removing streaking artifacts in quantitative susceptibility mapping", NeuroImage 2015), not iLSQR: its
+  streaking-artefact estimation and removal are not implemented.
 - ``cg``: conjugate gradients (``scipy.sparse.linalg.cg``'s iteration, :func:`conjugate_gradient`) on
   the normal equations ``(A W^2 A + lam I + lam_grad G^T G) chi = A W^2 field`` (``A`` is self-adjoint).
   ``G^T G`` is the periodic Laplacian on the FFT grid, applied in k-space together with ``A`` (same result as
@@ -253,8 +254,10 @@ def lsqr_inversion(
     support: bool = True,
     quiet: bool = False,
 ) -> np.ndarray:
-    """Early-stopped LSQR dipole inversion (Paige & Saunders 1982). Not iLSQR: this is only the LSQR stage
-    of Li et al.'s iLSQR (NeuroImage 2015), without its streaking-artefact estimation and removal.
+    """Early-stopped LSQR (Paige & Saunders 1982), not iLSQR: only the first stage of Li et al. 2015.
+
+    iLSQR (Li et al., NeuroImage 2015) adds streaking-artefact estimation and removal after this LSQR
+    stage; qsmlab does not implement them.
 
     Args:
         field: local field (ppm), (X, Y, Z).

@@ -1,13 +1,18 @@
-"""Nonlinear dipole inversion (NDI) by gradient descent (Polak et al., NMR Biomed 2020), optional Tikhonov.
+"""Nonlinear dipole inversion (NDI) by gradient descent (Polak et al., NMR Biomed 2020), with Tikhonov terms.
 
-    min_chi  1/s^2 * 1/2 ||W (exp(i s A chi) - exp(i s f))||_2^2 + tikhonov/2 ||chi||_2^2
+    min_chi  1/s^2 * 1/2 ||W (exp(i s A chi) - exp(i s f))||_2^2 + tikhonov/2 ||chi||_2^2 + lam_grad/2 ||G chi||^2
 
 with ``s = phase_scale`` (rad/ppm), ``W`` the data weight (mask times magnitude / max, or the mask). The
 ``1/s^2`` factor makes the data term ``1/2 ||W (A chi - f)||^2`` for small residuals, so the step size
 and ``tikhonov`` do not depend on TE or B0. Its gradient is ``A^T [W^2 / s * sin(s (A chi - f))]``; with
 ``W <= 1`` and ``|D| <= 2/3`` the Lipschitz constant is at most ``4/9``, so any ``step < 4.5`` is stable.
-NDI is regularised mainly by early stopping: ``max_iter`` and ``tol`` matter (Polak et al. stop on the
-relative update).
+Polak et al. regularise NDI mainly by early stopping (``max_iter``, ``tol``); on in-vivo-like fields
+that leaves streaks (issue 9), so ``tikhonov`` defaults to ``"auto"`` (the discrepancy principle,
+:mod:`qsmlab.recon.inversion.auto`) and ``lam_grad`` (a gradient term, default 0) can be added. Both terms
+are applied in k-space together with ``A^T`` (no extra FFT), and the step is capped at 1.9 over the
+gradient's Lipschitz bound ``4/9 + lam_grad max|E|^2 + tikhonov``. The solver works on field / RMS with
+the phase scale times RMS (:func:`qsmlab.recon.inversion.tv.field_scale`): the same data term, so a
+field in other units gives chi in those units.
 
 The local field comes from sources inside the mask, so each step is projected on that support
 (``chi <- M (chi - step * grad)``): without it, sources outside the mask explain the masked field as well

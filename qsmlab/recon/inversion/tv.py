@@ -17,6 +17,12 @@ The weighted form keeps the data term inside the mask only, so the unknown field
 to zero, and zero padding (``pad_factor``) comes for free: the solver runs on the padded FFT grid with
 ``W = 0`` in the padding. One iteration costs two rfftn + two irfftn (``FFT_PAIRS_PER_ITER = 2``).
 
+Units: the solver works on field / RMS(field) (:func:`field_scale`), with ``alpha / RMS`` and the ADMM
+penalties in those units, so multiplying the field by c multiplies chi by c iterate for iterate (a weight
+that only suits one field scale was the defect of issue 9). ``alpha="auto"`` (default) chooses the weight
+by the discrepancy principle (:mod:`qsmlab.recon.inversion.auto`), by continuation from strong to weak
+regularisation with warm starts (:class:`AdmmState`).
+
 This module also holds the input checks and data weight shared by the other iterative inversions.
 """
 
