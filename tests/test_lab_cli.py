@@ -133,3 +133,9 @@ def test_wandb_offline_only_without_credentials(tmp_path, monkeypatch):
     assert ensure_wandb_mode() == "online" and "WANDB_MODE" not in os.environ  # logged in: W&B decides
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert ensure_wandb_mode() == "disabled"  # the user's choice wins
+
+
+def test_git_commit_unknown_outside_a_checkout(tmp_path):
+    from qsmlab.lab.provenance import git_commit
+
+    assert git_commit(tmp_path) == {"commit": "unknown", "dirty": None}
