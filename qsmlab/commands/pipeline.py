@@ -37,10 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--b0", type=float, metavar="TESLA", help="field strength in T (default: sidecar)")
     p.add_argument("--mask", metavar="M", help="binary brain mask NIfTI (default: computed from the magnitude)")
     p.add_argument("--unwrap", default="region", metavar="NAME", help="spatial unwrapper: region (default) or laplacian")
-    p.add_argument("--bfr", default="vsharp", metavar="NAME", help="background removal method (default vsharp)")
+    p.add_argument("--bfr", default="vsharp", metavar="NAME", help="background removal method (default vsharp), or ckpt:PATH for the background net of a trained "
+                        "NeXtQSM checkpoint")
     p.add_argument("--inversion", default="tv", metavar="NAME",
                    help="dipole inversion method (default tv: FANSI-style total variation, its weight alpha=auto "
-                        "by the discrepancy principle with the echo fit's noise level)")
+                        "by the discrepancy principle with the echo fit's noise level), or ckpt:PATH for any trained "
+                        "method's checkpoint (qsmlab fit)")
     p.add_argument("--unwrap-param", nargs="+", action="extend", default=[], metavar="K=V",
                    help="parameters of the unwrapper")
     p.add_argument("--bfr-param", nargs="+", action="extend", default=[], metavar="K=V",
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from qsmlab.data.nifti import check_mask, check_same_grid, load_nifti
+    from qsmlab.methods.checkpoint_recon import install as _install_ckpt
+
+    _install_ckpt()  # --inversion ckpt:PATH / --bfr ckpt:PATH: trained checkpoints as pipeline steps
     from qsmlab.errors import QSMInputError
     from qsmlab.recon.pipeline import check_phase_radians, run_pipeline
     from qsmlab.recon.registry import parse_params

@@ -43,7 +43,8 @@ def _methods_epilog() -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", metavar="METHOD",
-                   help="inversion method (listed below), e.g. tkd, tsvd, cfl2, lsqr, cg, cosmos")
+                   help="inversion method (listed below), e.g. tkd, tsvd, cfl2, lsqr, cg, cosmos, or ckpt:PATH for a "
+                        "trained method's checkpoint")
     p.add_argument("--field", nargs="+", required=True, metavar="FIELD",
                    help="local field map(s) in ppm (NIfTI); several only for cosmos")
     p.add_argument("--mask", nargs="+", required=True, metavar="MASK",
@@ -134,6 +135,9 @@ def run(args) -> int:
 
     from qsmlab import __version__
     from qsmlab.data.nifti import atomic_write_text, save_nifti
+    from qsmlab.methods.checkpoint_recon import install as _install_ckpt
+
+    _install_ckpt()  # --inversion ckpt:PATH / --bfr ckpt:PATH: trained checkpoints as pipeline steps
     from qsmlab.errors import QSMInputError
     from qsmlab.physics.geometry import sidecar_path
     from qsmlab.recon import registry

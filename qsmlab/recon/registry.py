@@ -47,9 +47,23 @@ def _ensure_loaded() -> None:
     import qsmlab.recon  # noqa: F401
 
 
+#: ``prefix -> resolver(family, argument) -> function`` for names like ``ckpt:PATH``. Layers above recon
+#: install resolvers (``qsmlab.methods.checkpoint_recon.install``), so recon never imports them.
+PREFIX_RESOLVERS: dict[str, Callable[[str, str], Callable]] = {}
+
+
+def register_prefix(prefix: str, resolver: Callable[[str, str], Callable]) -> None:
+    """Let ``get(family, "<prefix>:<argument>")`` return ``resolver(family, argument)``."""
+    PREFIX_RESOLVERS[prefix] = resolver
+
+
 def get(family: str, name: str) -> Callable:
     """The function registered as ``name``; a one-line error lists the known names otherwise."""
     _ensure_loaded()
+    if ":" in name:
+        prefix, arg = name.split(":", 1)
+        if prefix in PREFIX_RESOLVERS:
+            return PREFIX_RESOLVERS[prefix](family, arg)
     reg = REGISTRIES[family]
     if name not in reg:
         raise QSMInputError(f"unknown {family} method {name!r}; choose one of: {', '.join(sorted(reg))}")
