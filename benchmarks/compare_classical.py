@@ -252,10 +252,18 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=None, help="cut the centre (voxels per axis) for a faster run")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--cache-only", action="store_true", help="build the cached subjects and stop")
+    ap.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
+                    help="summarise inversions.csv files of earlier runs (e.g. one per seed, run in parallel)")
     a = ap.parse_args()
     rows = []
     a.out.mkdir(parents=True, exist_ok=True)
-    for seed in a.seeds:
+    if a.from_csv:
+        rows = pd.concat([pd.read_csv(p) for p in a.from_csv]).to_dict("records")
+        pd.DataFrame(rows).to_csv(a.out / "inversions.csv", index=False)
+        a.seeds = sorted({int(r["case"].split("_")[0][1:]) for r in rows})
+        a.snr = sorted({float(r["case"].split("_")[1][3:]) for r in rows})
+        a.tilt = sorted({float(r["case"].split("_")[2][4:]) for r in rows})
+    for seed in a.seeds if not a.from_csv else []:
         for tilt in a.tilt:
             for snr in a.snr:
                 t0 = time.perf_counter()
