@@ -26,6 +26,7 @@ def trials_frame(study) -> pd.DataFrame:
         r["seconds"] = t.user_attrs.get("seconds")
         r["fit_seconds"] = t.user_attrs.get("fit_seconds")
         r["cpu_seconds"] = t.user_attrs.get("cpu_seconds")
+        r["fit_cpu_seconds"] = t.user_attrs.get("fit_cpu_seconds")
         r["wall_seconds"] = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         r["worker"] = t.user_attrs.get("qsmlab.worker")

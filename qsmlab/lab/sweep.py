@@ -249,6 +249,7 @@ class TrialObjective:
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("fit_seconds", round(result.fit_seconds, 2))
+        trial.set_user_attr("fit_cpu_seconds", round(result.fit_cpu_seconds, 2))
         if spec.metric not in result.metrics:
             msg = (f"objective metric {spec.metric!r} was not logged by the model; logged: "
                    f"{', '.join(sorted(result.metrics)) or 'nothing (no validation data?)'}")
