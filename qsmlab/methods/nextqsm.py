@@ -346,6 +346,8 @@ class NeXtQSM(QSMMethod):
     def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named outputs in units of ``field_scale``: ``local_field`` and (unless background-only) ``chi``,
         plus ``chi_local`` (the variational network on the true local field) when teacher forcing."""
+        if self.hparams.get("channels_last", False):  # oneDNN convolutions on CPU (see the base)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         names = self._channels
         mask = x[:, names.index("mask")][:, None]
         if self._mode == "local":

@@ -173,6 +173,13 @@ class PedQNet(QSMMethod):
         self.loss_fn = build_pedqnet_loss(self.loss_config)
         self.val_dice, self.test_dice = MeanMetric(), MeanMetric()
         self.save_method_hyperparameters()
+        if self.hparams.get("channels_last", False):  # the base converts self.net; the UNETR too (oneDNN)
+            self.seg_net.to(memory_format=torch.channels_last_3d)
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.get("channels_last", False) and x.ndim == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        return x
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -202,7 +209,7 @@ class PedQNet(QSMMethod):
         """UNETR logits of chi (network units) [B, 1, X, Y, Z]: directly at ``seg_img_size``, else
         Gaussian-blended sliding windows of that size."""
         size = tuple(self.seg_net.fixed_input_size)
-        x = chi.detach() if self.detach_seg_input else chi
+        x = self._memory_format(chi.detach() if self.detach_seg_input else chi)
         if tuple(x.shape[-3:]) == size:
             return self.seg_net(x)
         from monai.inferers import sliding_window_inference
@@ -211,6 +218,7 @@ class PedQNet(QSMMethod):
                                         overlap=float(self.hparams.get("sw_overlap", 0.25)), mode="gaussian")
 
     def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self._memory_format(x)
         chi = self.net(x) * (x[:, 1:2] > 0.5)
         out = {"chi": chi}
         if self.training or self.segment_at_inference or self._evaluating:
