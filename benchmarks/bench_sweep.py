@@ -12,8 +12,8 @@ pruning (every trial runs the same work). From each study's ``trials.csv`` and t
 - overhead fraction = per-trial overhead / (per-trial overhead + fit time), in wall time and in CPU time
   (CPU: every process of the sweep, from ``getrusage(RUSAGE_CHILDREN)``, against the CPU time of the
   trainer calls; CPU time does not depend on what else the machine runs). Target <= 5 % for the default
-  sweep: when ``runs/<sweep>/trials.csv`` exists (the sweep was run here), the measured process-level and
-  per-trial overheads are set against its trials' CPU time.
+  trial length: the fraction is also given scaled to the sweep file's own ``trainer.max_steps`` (the fixed
+  overhead over the fit time of a full-length trial, from the measured time per step).
 
 Then micro-timings of the parts: W&B offline run init + config + finish, journal storage operations of
 one trial, and a cold ``import`` of the sweep stack. Prints a table; asserts nothing.
@@ -65,14 +65,11 @@ def run_sweep(sweep: Path, workers: int, trials: int, steps: int, tag: str) -> d
     proc = max(0.0, wall * workers - t["wall_seconds"].sum()) / len(t)
     over = trial - fit + proc
     fit_cpu = t["fit_cpu_seconds"].sum()
-    in_trial = float((t["cpu_seconds"] - t["fit_cpu_seconds"]).mean())  # CPU outside the trainer, per trial
-    process_level = cpu_total - float(t["cpu_seconds"].sum())  # interpreters, imports, checks, report
     return {"workers": workers, "trials": len(t), "wall_s": wall, "trial_s": trial, "fit_s": fit,
             "cpu_s": t["cpu_seconds"].mean(), "trial_overhead_s": trial - fit, "process_overhead_s": proc,
             "overhead_%": 100 * over / (over + fit), "trials_per_hour": 3600 * len(t) / wall,
             "fit_s_per_step": fit / steps, "cpu_total_s": cpu_total, "fit_cpu_s": fit_cpu / len(t),
-            "cpu_overhead_s": (cpu_total - fit_cpu) / len(t), "cpu_overhead_%": 100 * (1 - fit_cpu / cpu_total),
-            "in_trial_cpu_s": in_trial, "process_cpu_s": process_level}
+            "cpu_overhead_s": (cpu_total - fit_cpu) / len(t), "cpu_overhead_%": 100 * (1 - fit_cpu / cpu_total)}
 
 
 def micro() -> dict:
@@ -133,20 +130,15 @@ def main() -> None:
               f"{r['trial_overhead_s']:.1f} | {r['process_overhead_s']:.1f} | {r['overhead_%']:.1f} | "
               f"{r['cpu_total_s'] / r['trials']:.1f} | {r['fit_cpu_s']:.1f} | {r['cpu_overhead_s']:.1f} | "
               f"{r['cpu_overhead_%']:.1f} | {r['trials_per_hour']:.0f} |")
-    real = ROOT / "runs" / Path(sweep).stem / "trials.csv"  # the sweep itself, when it has been run here
-    if real.is_file():
-        rt = pd.read_csv(real)
-        rt = rt[(rt["state"] == "COMPLETE") & rt["cpu_seconds"].notna()]
-        if len(rt):
-            fit_full = float(rt["cpu_seconds"].mean())  # its trials' CPU time (an upper bound of their fit)
-            n_full = int(yaml.safe_load(sweep.read_text()).get("n_trials", 10))
-            for r in rows:
-                over = r["process_cpu_s"] + n_full * r["in_trial_cpu_s"]
-                print(f"the default sweep ({n_full} trials of {full_steps} steps, {fit_full:.0f} s CPU each in "
-                      f"{real.parent}) with {r['workers']} worker(s): overhead {over:.0f} s CPU of "
-                      f"{over + n_full * fit_full:.0f} s = {100 * over / (over + n_full * fit_full):.1f} % (target <= 5 %)")
-            print(f"idle 2-core estimate, 2 workers x 1 thread: {2 * 3600 / fit_full:.0f} trials/hour of "
-                  f"{full_steps} steps (CPU time per trial, both cores busy)")
+    if full_steps:
+        for r in rows:
+            fit_full = r["fit_cpu_s"] / args.steps * full_steps
+            over = r["cpu_overhead_s"]
+            print(f"scaled to the sweep's {full_steps} steps/trial, {r['workers']} worker(s), CPU time: overhead "
+                  f"{over:.1f} s of {over + fit_full:.0f} s = {100 * over / (over + fit_full):.1f} % (target <= 5 %)")
+        r2 = rows[-1]
+        print(f"idle 2-core estimate, 2 workers x 1 thread: {2 * 3600 / (r2['cpu_overhead_s'] + r2['fit_cpu_s'] / args.steps * full_steps):.0f} "
+              f"trials/hour of {full_steps} steps (CPU time per trial, both cores busy)")
     print(f"parts: W&B offline run init+config+finish {m['wandb_first_s']:.2f} s first / {m['wandb_next_s']:.3f} s "
           f"after; journal storage per trial {1000 * m['storage_s']:.0f} ms; cold imports {m['imports_s']:.1f} s")
 

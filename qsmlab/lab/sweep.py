@@ -23,8 +23,7 @@ A trial that raises is FAIL with its error (``user_attrs["error"]``, the traceba
 ``PyTorchLightningPruningCallback`` (it supports Lightning 2.6: it imports ``lightning.pytorch``) reports
 the objective after each validation. DDP inside a trial (``trainer.devices > 1``) runs ``ddp_spawn`` (plain
 ``ddp`` re-executes this script on every rank) and needs an RDB storage; ``check_pruned()`` runs after fit.
-Workers: ``--workers N`` runs N processes on one study (this one and N-1 started by it), each with
-``torch.set_num_threads(max(1, cores // N))``
+Workers: ``--workers N`` starts N processes on one study with ``torch.set_num_threads(max(1, cores // N))``
 and per-worker sampler seeds (the same seed would propose the same start-up points in every worker).
 """
 
@@ -397,7 +396,7 @@ def run_sweep(sweep: str | Path, *, storage: str | None = None, n_trials: int | 
     if spec.workers == 1:
         worker_loop(spec, storage, sdir, base_cfg, deadline=deadline)
     else:
-        _run_workers(spec, storage, url, sdir, base_cfg, deadline)
+        _spawn_workers(spec, url, sdir, deadline)
     s = optuna.load_study(study_name=spec.study, storage=st)
     rep = write_report(s, spec, sdir)
     wall = time.time() - t0
@@ -411,18 +410,15 @@ def run_sweep(sweep: str | Path, *, storage: str | None = None, n_trials: int | 
     return SweepOutcome(spec.study, sdir, url, wall, rep)
 
 
-def _run_workers(spec: SweepSpec, storage: str | None, url: str, sdir: Path, base_cfg: dict,
-                 deadline: float | None) -> None:
-    """Workers 1..N-1 as processes, worker 0 in this process (one interpreter start fewer)."""
+def _spawn_workers(spec: SweepSpec, url: str, sdir: Path, deadline: float | None) -> None:
     n = spec.workers
     threads = threads_per_worker(n)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     args = {"sweep": str(spec.path), "storage": url, "study": spec.study, "n_trials": spec.n_trials,
             "deadline": deadline, "workers": n, "study_dir": str(sdir)}
     procs = [subprocess.Popen([sys.executable, "-m", "qsmlab.lab.sweep", json.dumps({**args, "index": i})], env=env)
-             for i in range(1, n)]
+             for i in range(n)]
     try:
-        worker_loop(spec, storage, sdir, base_cfg, worker_index=0, n_workers=n, deadline=deadline)
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
@@ -430,8 +426,7 @@ def _run_workers(spec: SweepSpec, storage: str | None, url: str, sdir: Path, bas
         raise
     bad = [c for c in codes if c != 0]
     if bad:
-        raise RuntimeError(f"{len(bad)} of {n - 1} sweep worker processes exited with status {bad}; see their "
-                           "output above")
+        raise RuntimeError(f"{len(bad)} of {n} sweep workers exited with status {bad}; see their output above")
 
 
 def _worker_main(payload: str) -> int:
