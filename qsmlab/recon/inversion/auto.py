@@ -13,9 +13,11 @@ with ``sigma`` the field's noise sd (ppm): given (``noise_std``, e.g. from the e
 (:func:`estimate_noise_std`: the median absolute deviation of its Laplacian; a local field is smooth
 except at susceptibility edges, so the Laplacian is mostly noise). Why this one: the misfit is monotone
 in the weight, so the target is bracketed by a walk from strong to weak regularisation and interpolated,
-with no derivative of a noisy curve; on in-vivo-like fields (``benchmarks/compare_classical.py``) the
-oracle weight's residual is 1.0-1.25 sigma, and the chosen weight lands within a few % of the oracle
-NRMSE. The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
+with no derivative of a noisy curve; on in-vivo-like fields the oracle weight's residual is 1.0-1.25
+sigma. Measured (``benchmarks/results/compare_classical/summary.md``, 12 cases at 96^3): tv and nltv
+within 1.7 % of the oracle NRMSE, medi within 8.2 %, ndi within 2.3 % except at SNR 100 without tilt
+(12.5-13.5 %: NDI's 15-iteration candidates do not fit down to the noise estimate, 1.7x the true noise
+there, and the walk ends at its weakest weight), lsqr's stop within 3.5 % except there (10-11 %). The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
 (15-30 % in NRMSE, as Milovic et al., MRM 2021, report), and its zero-curvature variant was unstable
 (the curvature of TV L-curves of in-vivo-like fields stays positive over a decade on some subjects).
 
