@@ -24,6 +24,7 @@ below uQSM (NDI alone); uQSM-DIP below TKD on one volume; NeXtQSM from the total
 TKD. Writes ``OUT/compare_methods.{md,csv,json,png}``; asserts nothing. Parts can be rerun:
 
     python benchmarks/compare_methods.py [--methods nextqsm,pedqnet] [--quick-steps 300] [--reuse]
+                                         [--ckpt qsmnet=runs/qsmnet/quick/version_0/checkpoints/last.ckpt]
 """
 
 from __future__ import annotations
@@ -259,13 +260,17 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/compare_methods"), help="training run folders")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse checkpoints and the classical results under --runs when present")
+    ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
+                    help="score this checkpoint for method NAME instead of training it (repeatable)")
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     a.out.mkdir(parents=True, exist_ok=True)
+    given = dict(c.split("=", 1) for c in a.ckpt)
     methods = [m for m in a.methods.split(",") if m]
+    methods += [m for m in given if m not in methods]
     unknown = [m for m in methods if m not in LEARNED]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; choose from {', '.join(LEARNED)}")
@@ -309,7 +314,12 @@ def main() -> None:
             print(f"uqsm_dip: {volume_rows[-1]['nrmse']:.1f} % vs TKD {volume_rows[0]['nrmse']:.1f} % ({sec:.0f} s)")
             continue
         try:
-            ckpt, sec = train(name, a.runs, a.quick_steps, a.reuse)
+            if name in given:
+                ckpt, sec = Path(given[name]), float("nan")
+                if not ckpt.is_file():
+                    raise FileNotFoundError(f"--ckpt {name}={ckpt}: no such file")
+            else:
+                ckpt, sec = train(name, a.runs, a.quick_steps, a.reuse)
         except Exception as e:  # one failing method must not lose the others' results
             print(f"{name}: training failed: {type(e).__name__}: {e}")
             local_rows.append({"method": name, "input": "local field", "kind": "learned", "error": str(e)[:200]})
