@@ -8,9 +8,10 @@ accuracy fails. Values first measured (48^3, seed 1): tkd 33.6, tkd-zero 52.0, t
 lsqr 20.6, cg 19.1, cosmos (3 orientations) 11.8.
 
 The regularised methods run with fixed weights here (the former defaults): these tests check the solvers.
-Their ``auto`` defaults are tested on in-vivo-like fields in ``test_auto_regularization.py``; on this
-low-noise analytic phantom the L-curve corner of cfl2/cg over-regularises (lam 0.32, 65 % vs 24 %), a
-known weakness of the criterion on noise-poor data (``qsmlab.recon.inversion.auto``).
+Their ``auto`` defaults (and cfl2/cg's Tikhonov penalty, the default since issue 9) are tested on
+in-vivo-like fields in ``test_auto_regularization.py``; on this low-noise analytic phantom the L-curve
+corner of the gradient penalty over-regularises (lam 0.32, 65 % vs 24 %), a known weakness of the
+criterion on noise-poor data (``qsmlab.recon.inversion.auto``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ BOUNDS = {
     "tkd": ({}, 37.0),
     "tkd_zero": ({"mode": "zero"}, 57.0),
     "tsvd": ({}, 44.0),
-    "cfl2": ({"lam": 0.01}, 33.0),
+    "cfl2": ({"lam": 0.01, "penalty": "gradient"}, 33.0),
     "lsqr": ({"lam_grad": 0.001, "max_iter": 30}, 23.0),
-    "cg": ({"lam_grad": 0.003}, 21.5),
+    "cg": ({"lam": 0.0, "lam_grad": 0.003}, 21.5),
 }
 
 
@@ -277,3 +278,18 @@ def test_hand_written_cg_and_lsqr_follow_scipy():
                        iter_lim=iter_lim, callback=lambda: new_ticks.append(1))
         assert len(new_ticks) == ref[2]
         np.testing.assert_allclose(x.numpy(), ref[0], rtol=1e-6, atol=1e-8)
+
+
+def test_cfl2_identity_penalty_is_closed_form_tikhonov(sim):
+    """penalty="identity" (the default) is D / (D^2 + lam) in k-space: cfl2's output equals that filter."""
+    import scipy.fft
+
+    f, m = sim["field"], sim["mask"]
+    lam = 0.02
+    D = dipole_kernel(f.shape, rfft=True)
+    h = D / (D * D + lam)
+    h.flat[0] = 0.0
+    ref = scipy.fft.irfftn(scipy.fft.rfftn(np.where(m, f, 0.0)) * h, s=f.shape) * m
+    np.testing.assert_allclose(cfl2(f, m, lam=lam), ref, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(QSMInputError, match="penalty"):
+        cfl2(f, m, lam=lam, penalty="laplacian")

@@ -17,7 +17,8 @@ recording the method, parameters, B0_dir (B0_dirs for cosmos), voxel size and qs
 
 Regularisation weights default to 'auto': chosen from the data, without ground truth, by the discrepancy
 principle (tv, nltv, medi, ndi: the misfit equals the field's noise, estimated from its high-pass content
-unless --param noise_std=PPM is given; lsqr: its stopping rule) or the L-curve corner (cfl2, cg). The value
+unless --param noise_std=PPM is given; lsqr: its stopping rule) or generalised cross-validation (cfl2, cg:
+Tikhonov weight lam; cfl2 --param penalty=gradient: the L-curve corner). The value
 chosen is printed and written to the sidecar ("auto"); a search that cannot apply its criterion warns
 and says which value it used. Give a number (e.g. --param alpha=3e-4) to fix the weight.
 

@@ -1,9 +1,9 @@
 """``auto``: a regularisation weight chosen from the data, without ground truth.
 
-Two published criteria, each where its assumptions hold:
+Three published criteria, each where its assumptions hold:
 
 **Discrepancy principle** (Morozov, Soviet Math. Dokl. 1966; for QSM e.g. Liu et al. (MEDI),
-NeuroImage 2012) for the methods that fit the field inside the mask (tv, nltv, medi, ndi, cg): the weight
+NeuroImage 2012) for the methods that fit the field inside the mask (tv, nltv, medi, ndi, lsqr): the weight
 is the one whose solution leaves a data misfit equal to the noise,
 
     mean_mask( W^2 (A chi_w - f)^2 ) = tau^2 * sigma^2 * mean_mask( W^2 ),    tau = 1,
@@ -15,25 +15,36 @@ except at susceptibility edges, so the Laplacian is mostly noise). Why this one:
 in the weight, so the target is bracketed by a walk from strong to weak regularisation and interpolated,
 with no derivative of a noisy curve; on in-vivo-like fields the oracle weight's residual is 1.0-1.25
 sigma. Measured (``benchmarks/results/compare_classical/summary.md``, 12 cases at 96^3): tv and nltv
-within 1.7 % of the oracle NRMSE, medi within 8.2 %, ndi within 2.3 % except at SNR 100 without tilt
-(12.5-13.5 %: NDI's 15-iteration candidates do not fit down to the noise estimate, 1.7x the true noise
-there, and the walk ends at its weakest weight), lsqr's stop within 3.5 % except there (10-11 %). The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
+within 1.7 % of the oracle NRMSE, medi within 8.2 %, lsqr's stop within 3.5 % except at SNR 100
+without tilt (10-11 %). ndi: at SNR 100 its misfit never falls to the noise (its floor is the field's
+model error: background-removal residue, white-matter anisotropy; the misfit curve is the same at SNR 40
+and 100, and the oracle's misfit is 2.3-2.7x the true noise there, so a better noise estimate would not
+help), and the old walk down to 1e-4 cost 9-13.5 %; it now stops at ``ndi.NDI_AUTO_MIN`` = 1e-3 (see
+:mod:`qsmlab.recon.inversion.ndi`). The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
 (15-30 % in NRMSE, as Milovic et al., MRM 2021, report), and its zero-curvature variant was unstable
 (the curvature of TV L-curves of in-vivo-like fields stays positive over a decade on some subjects).
 
-**L-curve corner** (Hansen, SIAM Review 1992) for CFL2: it solves the periodic problem without a mask
-(the zero field outside the mask is data), so its in-mask misfit never falls to the noise level and the
-discrepancy principle does not apply; its whole-grid L-curve ``(log ||A chi - f||^2, log ||G chi||^2)`` is
-exact and free in k-space, and its maximum curvature is the weight Bilgic et al. (MRM 2014) choose
-(curvature by cubic-spline derivatives, sign as in their and FANSI's code: positive at the corner). cg
-uses the same corner for its gradient weight (same penalty). Measured: within 1-3 % of the oracle NRMSE
-on in-vivo-like fields, where generalised cross-validation (also free in k-space) chose 3-6x too weak a
-weight (7-10 % worse); but on the 48^3 analytic phantom of the tests, whose field has little
-high-frequency error, the corner over-regularises (lam 0.32: 65 % vs 24-35 % at the oracle) and GCV was
-better. Real scans resemble the former.
+**Generalised cross-validation** (Golub, Heath & Wahba, Technometrics 1979) for the Tikhonov weight of
+cfl2 (closed form, its default ``penalty="identity"``) and cg: ``||A chi - f||^2 / (N - trace H)^2``
+over the whole periodic grid is exact and free in k-space
+(:func:`qsmlab.recon.inversion.cfl2.cfl2_gcv`), needs no noise estimate, and its minimum (refined by a
+parabola in log-log) was the oracle's weight (0.012-0.024) in every in-vivo-like case measured.
+cfl2 solves the periodic problem without a mask (the zero field outside the mask is data), so its
+in-mask misfit is not monotone and never falls to the noise at SNR 100: the discrepancy principle does
+not apply there. cg's data term is mask-weighted; GCV of the closed form is its cheap proxy.
+Why Tikhonov and not the gradient penalty of Bilgic's CFL2 (and of cg before issue 9): at every weight
+the gradient penalty lost to TKD on in-vivo-like fields (``|grad|^2`` vanishes at low frequency, so the
+field's smooth errors near the cone are amplified without bound).
+
+**L-curve corner** (Hansen, SIAM Review 1992) for ``cfl2(penalty="gradient")``: its whole-grid L-curve
+``(log ||A chi - f||^2, log ||G chi||^2)`` is exact and free in k-space, and its maximum curvature is
+the weight Bilgic et al. (MRM 2014) choose (curvature by cubic-spline derivatives, sign as in their and
+FANSI's code: positive at the corner); within 1-3 % of that penalty's oracle on in-vivo-like fields
+(where GCV chose 3-6x too weak a gradient weight), but it over-regularises the 48^3 analytic phantom of
+the tests (lam 0.32: 65 % vs 24-35 % at the oracle).
 
 Scale: every solver works on field / RMS(field) (:func:`qsmlab.recon.inversion.tv.field_scale`), the
-grids are relative to it and both criteria are homogeneous (the noise estimate and the misfit scale with
+grids are relative to it and the criteria are homogeneous (the noise estimate and the misfit scale with
 the field), so multiplying the field by c multiplies chi and the chosen L1 weight by c and leaves an L2
 weight (unitless) unchanged. Cost: each candidate is warm-started from the previous (stronger) one with a
 few iterations, and the walk stops at the bracket; ``benchmarks/compare_classical.py`` prints auto's time
@@ -111,6 +122,8 @@ class AutoResult:
             return f"{self.parameter}={self.value:.3g} (auto: {self.note}; {self.seconds:.1f} s)"
         if self.criterion == "discrepancy":
             how = f"discrepancy principle, noise {self.noise_std:.2g} ppm ({self.noise_source})"
+        elif self.criterion == "gcv":
+            how = "generalised cross-validation"
         else:
             how = f"L-curve {self.criterion}"
         return f"{self.parameter}={self.value:.3g} (auto: {how}, {len(self.weights)} weights, {self.seconds:.1f} s)"
