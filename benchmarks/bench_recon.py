@@ -47,8 +47,8 @@ FFT_PAIRS_PER_ITER = {"lsqr": 2, "cg": 2, "tv": 2, "nltv": 2, "ndi": 2, "medi": 
 # weights: this benchmark times iterations, and the default "auto" would add its search to each run
 # (auto's own cost is printed by compare_classical.py).
 BENCH_PARAMS = {"medi": {"cg_max_iter": 5, "cg_tol": 1e-12, "alpha": 3e-4}, "tv": {"alpha": 3e-4},
-                "nltv": {"alpha": 3e-4}, "ndi": {"tikhonov": 0.01}, "cg": {"lam_grad": 0.03}}
-CLOSED_PARAMS = {"cfl2": {"lam": 0.03}}
+                "nltv": {"alpha": 3e-4}, "ndi": {"tikhonov": 0.01}, "cg": {"lam": 0.018}}
+CLOSED_PARAMS = {"cfl2": {"lam": 0.018}}
 
 
 def _median_time(fn, repeats: int) -> float:
