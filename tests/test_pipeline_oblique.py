@@ -8,7 +8,10 @@ Physics: with the B0 direction handed to the kernel, a tilt changes which freque
 suppresses but not how hard the problem is, and the background is harmonic at any tilt, so the chi
 error (NRMSE on the valid mask, demeaned) of the oblique scan is within 5 % of the axial one's.
 
-Slow (about 2 x (40 s simulation + 60-120 s pipeline) on two cores): ``pytest -m slow``.
+Measured with the pipeline's defaults (region unwrap, weighted echo fit, V-SHARP, tv with alpha=auto):
+chi NRMSE 58.3 % axial, 57.0 % oblique (ratio 0.978), total field 0.62 / 0.63 %, local field 41.4 / 37.2 %.
+
+Slow (about 2 x (40 s simulation + 60-120 s pipeline) on two cores; 204 s in all): ``pytest -m slow``.
 """
 
 from __future__ import annotations
