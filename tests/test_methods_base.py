@@ -281,3 +281,51 @@ def test_outputs_are_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m.infer_images(images)
     assert out["chi"].dtype == torch.float32
+
+
+# -- the TKD prior (model.prior: tkd) ---------------------------------------------------------------------
+
+def test_untrained_network_with_tkd_prior_is_tkd_and_geometry_follows_the_input():
+    from qsmlab.recon.inversion import tkd
+
+    torch.manual_seed(0)
+    chi, mask = _blob_chi((24, 20, 16), seed=4)
+    b, vs = tilted_b0_dir(20), (1.0, 1.2, 1.5)
+    field = DipoleOperator(vs, b).A(chi) * mask
+    m = UQSM(width=4, depth=2, field_scale=0.01, prior="tkd").eval()
+    m.set_statistics(0.01, b, vs)
+    ref = tkd(field, mask, voxel_size=vs, b0_dir=b, pad_factor=2.0)
+    out = m.infer_arrays({"field": field, "mask": mask.astype(np.float32)}, vs, b)["chi"]
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    # the prior uses the volume's own B0, not a fixed one: a different B0 gives a different (correct) TKD
+    other = tilted_b0_dir(0)
+    f2 = DipoleOperator(vs, other).A(chi) * mask
+    with pytest.warns(UserWarning, match="from the training direction"):
+        out2 = m.infer_arrays({"field": f2, "mask": mask.astype(np.float32)}, vs, other)["chi"]
+    ref2 = tkd(f2, mask, voxel_size=vs, b0_dir=other, pad_factor=2.0)
+    wrong = tkd(f2, mask, voxel_size=vs, b0_dir=b, pad_factor=2.0)  # TKD under the training B0: not this scan's
+    # resampled there and back (linear interpolation, 20 deg), yet far closer to this scan's TKD
+    assert compute_all(out2, ref2, mask)["nrmse"] < 0.75 * compute_all(wrong, ref2, mask)["nrmse"]
+
+
+def test_tkd_prior_trains_checkpoints_and_reloads(tiny_manifest, tmp_path):
+    dm = tiny_datamodule(tiny_manifest)
+    m = UQSM(width=4, depth=2, prior="tkd", lr=3e-3, loss=UQSMLoss(lambda_tv=1e-4))
+    assert m.net.in_channels == 3 and float(m.net.head.weight.abs().sum()) == 0.0
+    trainer = tiny_trainer(tmp_path, max_steps=3)
+    trainer.fit(m, datamodule=dm)
+    assert float(m.net.head.weight.abs().sum()) > 0  # the output layer left zero and learned
+    ck = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ck)
+    back = load_method(ck)
+    assert back.hparams.prior == "tkd" and back.net.in_channels == 3
+
+
+def test_tkd_prior_needs_a_local_field_input():
+    from qsmlab.errors import QSMInputError
+    from qsmlab.methods import NeXtQSM
+
+    with pytest.raises(QSMInputError, match="model.prior"):
+        NeXtQSM(prior="tkd")
+    with pytest.raises(QSMInputError, match="model.prior"):
+        UQSM(prior="tikhonov")

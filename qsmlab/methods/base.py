@@ -64,6 +64,7 @@ from qsmlab.methods.statistics import robust_std, training_statistics
 from qsmlab.metrics import TORCH_METRICS, VolumeMetrics
 
 SCHEDULERS = ("cosine", "step", "exponential", "none")
+PRIORS = ("none", "tkd")
 FIELD_INPUTS = ("field", "total_field")
 DEFAULT_METRICS = ("psnr", "nrmse", "nrmse_demeaned", "nrmse_detrended", "hfen", "ssim", "xsim", "corr")
 
@@ -136,6 +137,14 @@ class QSMMethod(L.LightningModule):
         channels_last: run the network in ``channels_last_3d`` memory format: on CPU it selects oneDNN's
             convolutions (measured 1.6-2x faster training steps on 32^3 patches, 2 threads).
         patch_margin: voxels at each patch face left out of the training loss (see :meth:`loss_batch`).
+        prior: ``"none"`` (the papers: the network maps the inputs to chi) or ``"tkd"``: a physics prior,
+            the thresholded k-space division of the (masked) local field under each sample's geometry
+            (:meth:`qsmlab.physics.DipoleOperator.A_dagger`), enters the network as one more input channel
+            and is added to its chi output, so the network learns a correction to TKD (residual learning
+            from a model-based initialisation, as in unrolled/learned-post-processing QSM). With the output
+            layer started at zero, an untrained network *is* TKD; every training step improves on it
+            under the method's own loss. Methods whose inputs have no local field ignore it (error).
+        prior_threshold: TKD threshold of the prior (default 0.19, as :func:`qsmlab.recon.inversion.tkd`).
     """
 
     name: ClassVar[str] = "base"
@@ -162,6 +171,8 @@ class QSMMethod(L.LightningModule):
         log_images: bool = True,
         channels_last: bool = True,
         patch_margin: int = 0,
+        prior: str = "none",
+        prior_threshold: float = 0.19,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -172,6 +183,13 @@ class QSMMethod(L.LightningModule):
                                 f"({scheduler_gamma}) > 0 are required")
         if int(patch_margin) < 0:
             raise QSMInputError(f"model.patch_margin: expected an integer >= 0, got {patch_margin!r}")
+        if prior not in PRIORS:
+            raise QSMInputError(f"model.prior: expected one of {list(PRIORS)}, got {prior!r}")
+        if not (0.0 < float(prior_threshold) < 2.0 / 3.0):
+            raise QSMInputError(f"model.prior_threshold: expected 0 < threshold < 2/3, got {prior_threshold!r}")
+        if prior != "none" and "field" not in self.inputs:
+            raise QSMInputError(f"model.prior={prior!r}: {type(self).__name__} has no local-field input "
+                                f"(inputs {list(self.inputs)}); use prior: none")
         if pad_mode not in ("constant", "replicate"):
             raise QSMInputError(f"model.pad_mode: expected 'constant' or 'replicate', got {pad_mode!r}")
         if field_scale is not None and not (math.isfinite(field_scale) and field_scale > 0):
@@ -185,7 +203,7 @@ class QSMMethod(L.LightningModule):
             scheduler_gamma=scheduler_gamma, min_lr=min_lr, field_scale=field_scale, pad_factor=pad_factor,
             pad_mode=pad_mode, max_inference_voxels=max_inference_voxels, sw_roi_size=sw_roi_size,
             sw_overlap=sw_overlap, metrics=metrics, log_images=log_images, channels_last=channels_last,
-            patch_margin=int(patch_margin))
+            patch_margin=int(patch_margin), prior=prior, prior_threshold=float(prior_threshold))
         nan = float("nan")
         self.register_buffer("field_scale", torch.tensor(nan if field_scale is None else float(field_scale)))
         self.register_buffer("train_b0_dir", torch.full((3,), nan))
@@ -215,6 +233,12 @@ class QSMMethod(L.LightningModule):
         self._hparams.clear()
         self._hparams.update(hp)
         self._hparams_initial = copy.deepcopy(self._hparams)
+        if self.prior_channels and hasattr(self, "net") and isinstance(getattr(self.net, "head", None),
+                                                                        torch.nn.Conv3d):
+            # Start as the prior itself: a zero output layer (its input still gets gradients).
+            torch.nn.init.zeros_(self.net.head.weight)
+            if self.net.head.bias is not None:
+                torch.nn.init.zeros_(self.net.head.bias)
         if self._base_hparams["channels_last"] and hasattr(self, "net"):
             # In place (same Parameter objects), so optimisers built later see the same tensors.
             self.net.to(memory_format=torch.channels_last_3d)
@@ -323,6 +347,30 @@ class QSMMethod(L.LightningModule):
             chans.append(t)
         return torch.cat(chans, dim=1)
 
+    @property
+    def prior_channels(self) -> int:
+        """Extra input channels the prior adds (subclasses build their network with
+        ``in_channels = len(inputs) + prior_channels``)."""
+        return 0 if self._base_hparams.get("prior", "none") == "none" else 1
+
+    @torch.no_grad()
+    def prior_map(self, images: Mapping[str, torch.Tensor], geometry=None) -> torch.Tensor:
+        """The ``prior`` chi (network units, masked) for ``images``; ``geometry`` = (voxel_size, b0_dir),
+        one 3-vector or one row per sample; None = the training geometry (the inference frame's)."""
+        if geometry is None:
+            geometry = (self.train_voxel_size.cpu().numpy(), self.train_b0_dir.cpu().numpy())
+        vs, b0 = (np.asarray(g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else g, dtype=np.float64)
+                  for g in geometry)
+        if not (np.all(np.isfinite(vs)) and np.all(np.isfinite(b0))):
+            raise QSMInputError(f"{type(self).__name__}: prior={self.hparams.get('prior')!r} needs the voxel size "
+                                "and B0 direction of the input (not known: fit the method or pass the geometry)")
+        from qsmlab.physics import DipoleOperator
+
+        op = DipoleOperator(voxel_size=vs, b0_dir=b0, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+        m = (images["mask"] > 0.5).float()
+        chi = op.A_dagger(images["field"].float() * m, float(self.hparams.get("prior_threshold", 0.19)))
+        return chi * m / self.scale
+
     def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw network outputs by name (network units), for an input whose size fits the network.
 
@@ -373,17 +421,26 @@ class QSMMethod(L.LightningModule):
                                        overlap=float(self.hparams.get("sw_overlap", 0.25)), mode="gaussian")
         return dict(out) if isinstance(out, Mapping) else {list(self.outputs)[0]: out}
 
-    def infer_images(self, images: Mapping[str, torch.Tensor], windows: bool = True) -> dict[str, torch.Tensor]:
+    def infer_images(self, images: Mapping[str, torch.Tensor], windows: bool = True,
+                     geometry=None) -> dict[str, torch.Tensor]:
         """Outputs (ppm for ``"ppm"`` kinds, unmasked) for images [B, 1, X, Y, Z] on their own grid.
 
         Pads to the size multiple (and crops back); with ``windows``, large volumes or fixed-size
-        networks go through Gaussian-blended sliding windows.
+        networks go through Gaussian-blended sliding windows. ``geometry`` (voxel_size, b0_dir) is used
+        by the ``prior`` only (computed on the whole volume, before any windowing).
         """
         x = self.network_input(images)
+        prior = None
+        if self.prior_channels:
+            prior = self.prior_map(images, geometry).to(x.dtype)
+            x = torch.cat([x, prior], dim=1)
         if windows and self._needs_windows(x.shape[-3:]):
             raw = self._sliding_window(x)
         else:
             raw = self._run_padded(x)
+        if prior is not None:
+            key = self.primary_output
+            raw[key] = raw[key] + prior.to(raw[key].dtype)
         s = self.scale
         # float32 from here on: under bf16 autocast the network's output is bf16 (8-bit mantissa), and the
         # losses subtract fields of ~0.05 ppm to get residuals of ~1e-3 ppm, which bf16 cannot resolve.
@@ -407,9 +464,10 @@ class QSMMethod(L.LightningModule):
                 out[n] = t if i is None else t[i]
         return out
 
-    def forward(self, images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Masked outputs (ppm) for images on their grid: ``{"chi": [B, 1, X, Y, Z], ...}``."""
-        return self._mask_outputs(self.infer_images(images), images["mask"])
+    def forward(self, images: Mapping[str, torch.Tensor], geometry=None) -> dict[str, torch.Tensor]:
+        """Masked outputs (ppm) for images on their grid: ``{"chi": [B, 1, X, Y, Z], ...}``; ``geometry``
+        = (voxel_size, b0_dir) of the images (None: the training geometry)."""
+        return self._mask_outputs(self.infer_images(images, geometry=geometry), images["mask"])
 
     # -- full-volume inference with geometry handling -----------------------------------------------
     def _frame(self, shape, voxel_size, b0_dir):
@@ -439,7 +497,10 @@ class QSMMethod(L.LightningModule):
             work = frame.forward(images)
         tens = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None].to(self.device)
                 for k, v in work.items() if v is not None}
-        out = self.infer_images(tens)
+        geometry = (voxel_size, b0_dir)
+        if frame is not None:
+            geometry = (frame.out_voxel_size, self.train_b0_dir.cpu().numpy() if frame.rotated else b0_dir)
+        out = self.infer_images(tens, geometry=geometry)
         res = {}
         for k, t in out.items():
             a = t[0].float().cpu().numpy()
@@ -459,7 +520,7 @@ class QSMMethod(L.LightningModule):
             vs = batch.voxel_size[i].cpu().numpy()
             b0 = batch.b0_dir[i].cpu().numpy()
             if self._frame(images["mask"].shape[-3:], vs, b0) is None:
-                results.append(self.forward(images))
+                results.append(self.forward(images, geometry=(vs, b0)))
             else:
                 arrays = {k: v[0, 0].cpu().numpy() for k, v in images.items()}
                 out = self.infer_arrays(arrays, vs, b0)
@@ -471,7 +532,8 @@ class QSMMethod(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         self._ensure_statistics(batch)
-        pred = self._mask_outputs(self.infer_images(self._images_of(batch), windows=False), batch.mask)
+        pred = self._mask_outputs(self.infer_images(self._images_of(batch), windows=False,
+                                                    geometry=(batch.voxel_size, batch.b0_dir)), batch.mask)
         physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
         total, parts = self.loss_fn(pred, self.loss_batch(batch), physics)
         bs = len(batch)

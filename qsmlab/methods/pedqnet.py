@@ -157,6 +157,9 @@ class PedQNet(QSMMethod):
                  detach_seg_input: bool = False, segment_at_inference: bool = False,
                  loss: PedQNetLoss | None = None, **kwargs):
         super().__init__(**kwargs)
+        if self.prior_channels:  # the segmentation net reads chi inside run_network, before any residual
+            raise QSMInputError("PedQNet: model.prior is not supported (its UNETR segments the network's chi); "
+                                "use prior: none")
         self.loss_config = as_dataclass(PedQNetLoss, loss)
         self.seg_classes = dict(seg_classes or SUBCORTICAL_CLASSES)
         if not self.seg_classes:

@@ -75,8 +75,8 @@ class QSMnet(QSMMethod):
                  loss: QSMnetLoss | None = None, **kwargs):
         super().__init__(**kwargs)
         self.loss_config = as_dataclass(QSMnetLoss, loss)
-        self.net = QSMnetUNet(in_channels=1, out_channels=1, width=width, depth=depth, kernel_size=kernel_size,
-                              negative_slope=negative_slope)
+        self.net = QSMnetUNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1, width=width,
+                              depth=depth, kernel_size=kernel_size, negative_slope=negative_slope)
         self.loss_fn = build_qsmnet_loss(self.loss_config)
         self.save_method_hyperparameters()
 

@@ -77,7 +77,7 @@ class UQSM(QSMMethod):
                  loss: UQSMLoss | None = None, **kwargs):
         super().__init__(**kwargs)
         self.loss_config = as_dataclass(UQSMLoss, loss)
-        self.net = UQSMNet(in_channels=len(self.inputs), out_channels=1, depth=depth, width=width,
+        self.net = UQSMNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1, depth=depth, width=width,
                            upsample=upsample, norm=norm)
         self.loss_fn = build_uqsm_loss(self.loss_config)
         self.save_method_hyperparameters()

@@ -136,6 +136,40 @@ class DipoleOperator:
 
     __call__ = A
 
+    def A_dagger(self, y: "torch.Tensor", threshold: float = 0.19) -> "torch.Tensor":
+        """Thresholded pseudo-inverse of :meth:`A` (TKD, Shmueli et al. 2009): chi (ppm) from a field (ppm).
+
+        ``1/D`` where ``|D| >= threshold``, ``sign(D)/threshold`` below it, 0 at DC (the field does not
+        determine chi's mean), on this operator's padded grid; torch, ``(..., X, Y, Z)``, differentiable.
+        The learned methods use it as a physics prior (an input channel and a residual the network
+        corrects). :func:`qsmlab.recon.inversion.tkd` is the classical method (numpy, masked, options).
+        """
+        if not (0.0 < float(threshold) < 2.0 / 3.0):
+            raise ValueError(f"threshold={threshold}: expected 0 < threshold < 2/3 (|D| is at most 2/3)")
+        if not isinstance(y, torch.Tensor) or y.ndim < 3:
+            raise ValueError("A_dagger expects a torch tensor (..., X, Y, Z)")
+        n = tuple(y.shape[-3:])
+        s = self.fft_shape(n)
+        g = self._check_batch(y.shape)
+        compute = y if y.dtype in (torch.float32, torch.float64) else y.float()
+        spec = torch.fft.rfftn(compute, s=s, dim=(-3, -2, -1))
+
+        def inverse(i):
+            D = _torch_kernel(s, *self._geometry(i), self.kind, compute.dtype, compute.device)
+            small = D.abs() < threshold
+            inv = torch.where(small, torch.sign(D) / threshold, 1.0 / torch.where(small, torch.ones_like(D), D))
+            inv = inv.clone()
+            inv.reshape(-1)[0] = 0.0
+            return inv
+
+        if g == 1:
+            spec = spec * inverse(0)
+        else:
+            k = torch.stack([inverse(i) for i in range(g)])
+            spec = spec * k.reshape((g,) + (1,) * (y.ndim - 4) + tuple(k.shape[1:]))
+        out = torch.fft.irfftn(spec, s=s, dim=(-3, -2, -1))[..., : n[0], : n[1], : n[2]]
+        return out.to(y.dtype)
+
     def _check_batch(self, x_shape) -> int:
         g = self.n_geometries
         if g == 1:
