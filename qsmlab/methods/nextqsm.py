@@ -362,13 +362,16 @@ class NeXtQSM(QSMMethod):
             out["chi_local"] = self.net.varnet(x[:, names.index("true_local")][:, None], mask, physics)
         return out
 
-    def infer_images(self, images: Mapping[str, torch.Tensor], windows: bool = True) -> dict[str, torch.Tensor]:
+    def infer_images(self, images: Mapping[str, torch.Tensor], windows: bool = True,
+                     geometry=None) -> dict[str, torch.Tensor]:
         mode = self._mode
         if mode != "background":
             mode = "total" if self.inputs_for(set(k for k, v in images.items() if v is not None))[0] == \
                 "total_field" else "local"
         with self._using(mode=mode):
-            out = super().infer_images(images, windows=windows)
+            # geometry feeds the base's prior only; NeXtQSM has none (its TKD init lives in the varnet,
+            # under the geometry set by _using)
+            out = super().infer_images(images, windows=windows, geometry=geometry)
         # the background mode has no chi; outputs are all "ppm" (scaled by field_scale in the base)
         return out
 
