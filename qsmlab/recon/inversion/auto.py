@@ -19,7 +19,7 @@ within 1.7 % of the oracle NRMSE, medi within 8.2 %, lsqr's stop within 3.5 % ex
 without tilt (10-11 %). ndi: at SNR 100 its misfit never falls to the noise (its floor is the field's
 model error: background-removal residue, white-matter anisotropy; the misfit curve is the same at SNR 40
 and 100, and the oracle's misfit is 2.3-2.7x the true noise there, so a better noise estimate would not
-help), and the old walk down to 1e-4 cost 9-13.5 %; it now stops at ``ndi.NDI_AUTO_MIN`` = 1e-3 (see
+help), and the old walk down to 1e-4 cost 9-13.5 %; it now stops at ``ndi.NDI_AUTO_MIN`` = 3e-3 (see
 :mod:`qsmlab.recon.inversion.ndi`). The L-curve's maximum-curvature corner, tried first, over-regularises TV by 5-10x in weight
 (15-30 % in NRMSE, as Milovic et al., MRM 2021, report), and its zero-curvature variant was unstable
 (the curvature of TV L-curves of in-vivo-like fields stays positive over a decade on some subjects).

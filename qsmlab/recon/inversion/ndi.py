@@ -90,15 +90,17 @@ class _Descent:
         return step
 
 
-#: ``tikhonov="auto"``: candidate weights (unitless), strong to weak, 0.36 decade apart, and the iterations
-#: per candidate (warm-started from the previous one). The walk stops at ``NDI_AUTO_MIN`` = 1e-3: on
+#: ``tikhonov="auto"``: candidate weights (unitless), strong to weak, 1/3 decade apart, and the iterations
+#: per candidate (warm-started from the previous one). The walk stops at ``NDI_AUTO_MIN`` = 3e-3: on
 #: in-vivo-like fields (``benchmarks/compare_classical.py``) NDI's misfit curve is the same at SNR 40 and
 #: 100 (the misfit there is the field's model error: background-removal residue, white-matter anisotropy,
-#: not white noise) and keeps falling by 10-15 % per halving of the weight below 1e-3 while chi's error
-#: grows; at SNR 100 it never reaches the noise estimate, and the old grid's walk to 1e-4 cost 9-13 %
-#: NRMSE over the oracle (0.0025-0.005 in all 12 cases; 1e-3 is within 3 % of it).
-NDI_AUTO_MIN = 1e-3
-NDI_AUTO_GRID = tuple(float(v) for v in np.logspace(-0.5, np.log10(NDI_AUTO_MIN), 8))
+#: not white noise; the oracle's misfit is 2.3-2.7x the true noise at SNR 100) and keeps falling by
+#: 10-15 % per halving of the weight while chi's error grows. At SNR 100 it never reaches the noise
+#: estimate (a better estimate would not help: the true noise is lower still), and the walk down to 1e-4
+#: cost 9-13.5 % NRMSE over the oracle; the oracle weight was 3.2e-3 to 1e-2 in all 12 cases, the
+#: discrepancy weight at SNR 40 4.9e-3 to 1e-2.
+NDI_AUTO_MIN = 3e-3
+NDI_AUTO_GRID = tuple(float(v) for v in np.logspace(-0.5, np.log10(NDI_AUTO_MIN), 7)[:-1]) + (NDI_AUTO_MIN,)
 AUTO_ITERATIONS = 15
 
 
@@ -133,10 +135,10 @@ def ndi(
         step: gradient step (default 4, stable below 4.5 without regularisation; capped at 1.9 / L with it).
         tikhonov: weight of ``1/2 ||chi||^2`` (unitless, so independent of the field's scale) or
             ``"auto"`` (default): the discrepancy principle on NDI's misfit
-            (:mod:`qsmlab.recon.inversion.auto`), by continuation from 0.32 down to ``NDI_AUTO_MIN`` (1e-3);
+            (:mod:`qsmlab.recon.inversion.auto`), by continuation from 0.32 down to ``NDI_AUTO_MIN`` (3e-3);
             when the misfit is still above the noise there (high SNR: the model error, not the noise, sets
-            the misfit's floor) it uses 1e-3 with an :class:`~qsmlab.recon.inversion.auto.AutoWarning`. 0 with ``lam_grad=0`` is plain NDI,
-            regularised by early stopping only, which leaves streaks on in-vivo-like fields (84 % NRMSE vs
+            the misfit's floor) it uses 3e-3 with an :class:`~qsmlab.recon.inversion.auto.AutoWarning`.
+            0 with ``lam_grad=0`` is plain NDI, regularised by early stopping only, which leaves streaks on in-vivo-like fields (84 % NRMSE vs
             68 % with tikhonov 0.01 on a 96^3 in-vivo-like crop; the gradient term alone reached 76 %).
         lam_grad: weight of ``1/2 ||grad chi||^2`` (mm^2, default 0), a smoothness term the user can add.
         noise_std: noise sd of the field (ppm) for ``"auto"``; default: estimated from the field.
