@@ -243,7 +243,8 @@ def discrepancy_search(method: str, parameter: str, weights: Sequence[float],
     if chosen is None:
         chosen = float(w[-1])
         note = (f"the misfit stays above the noise ({sigma_ppm:.2g} ppm, {noise_source}) down to the weakest "
-                f"{parameter} tried (flat misfit curve, minimum {min(mis) * scale:.2g} ppm); used "
+                f"{parameter} tried (flat misfit curve, or model error above the noise; minimum "
+                f"{min(mis) * scale:.2g} ppm); used "
                 f"{parameter}={units(chosen):.3g}")
     if note:
         warnings.warn(AutoWarning(f"{method}: {parameter}=auto: {note}"), stacklevel=3)
