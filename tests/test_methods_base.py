@@ -3,6 +3,7 @@ evaluation and its logged metrics, hyper-parameters through jsonargparse/Lightni
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -329,3 +330,33 @@ def test_tkd_prior_needs_a_local_field_input():
         NeXtQSM(prior="tkd")
     with pytest.raises(QSMInputError, match="model.prior"):
         UQSM(prior="tikhonov")
+
+
+def test_simulated_patch_fields_are_explained_by_the_patch():
+    from qsmlab.data.collate import QSMBatch
+
+    chi, mask = _blob_chi((20, 20, 20), seed=5)
+    b = tilted_b0_dir(15)
+    big = np.pad(chi, 8)  # the patch is cut from a larger head: its measured field has outside sources
+    big[2:7, 8:-8, 8:-8] = 0.1  # a source just outside the patch
+    full_field = DipoleOperator((1, 1, 1), b).A(big)[8:-8, 8:-8, 8:-8] * mask
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None, None]  # noqa: E731
+    batch = QSMBatch(field=t(full_field), mask=t(mask), b0_dir=torch.tensor([b], dtype=torch.float32),
+                     voxel_size=torch.ones(1, 3), phase_scale=torch.tensor([float("nan")]), affine=torch.eye(4)[None],
+                     chi=t(chi))
+    m = UQSM(width=4, depth=2, field_scale=0.01, patch_fields="simulate")
+    out = m.simulate_patch_fields(batch)
+    own = DipoleOperator((1, 1, 1), b).A(chi) * mask
+    np.testing.assert_allclose(out.field[0, 0].numpy(), own, atol=1e-6)
+    assert np.linalg.norm((full_field - own)[mask]) > 0.05 * np.linalg.norm(own[mask])  # it did change
+    noisy = UQSM(width=4, depth=2, field_scale=0.01, patch_fields="simulate", patch_field_noise=0.01)
+    torch.manual_seed(0)
+    r = noisy.simulate_patch_fields(batch).field[0, 0].numpy() - own
+    assert np.all(r[~mask] == 0) and 0 < np.std(r[mask]) <= 0.01
+    # default: the batch's own field; no chi (in-vivo rows): unchanged, with a warning
+    assert UQSM(width=4, depth=2, field_scale=0.01).simulate_patch_fields(batch) is batch
+    invivo = dataclasses.replace(batch, chi=None)
+    with pytest.warns(UserWarning, match="no chi"):
+        assert m.simulate_patch_fields(invivo) is invivo
+    with pytest.raises(Exception, match="patch_fields"):
+        UQSM(patch_fields="resample")

@@ -145,6 +145,14 @@ class QSMMethod(L.LightningModule):
             layer started at zero, an untrained network *is* TKD; every training step improves on it
             under the method's own loss. Methods whose inputs have no local field ignore it (error).
         prior_threshold: TKD threshold of the prior (default 0.19, as :func:`qsmlab.recon.inversion.tkd`).
+        patch_fields: ``"data"`` (train on the batch's field) or ``"simulate"``: on training batches that
+            carry chi (synthetic rows), replace the local field by the field of the patch's own chi,
+            ``A(chi * mask) * mask`` under each sample's geometry (as QSMnet built its training pairs by
+            dipole convolution of COSMOS patches). A cropped field is partly caused by chi outside the
+            patch, which no network can see; a simulated one is explained by what is in the patch, so
+            input, prior, label and physics losses agree. Validation and inference use the real field.
+        patch_field_noise: with ``"simulate"``: Gaussian noise added to the simulated field, std drawn
+            uniformly in [0, patch_field_noise] ppm per sample (real local fields are noisy).
     """
 
     name: ClassVar[str] = "base"
@@ -173,6 +181,8 @@ class QSMMethod(L.LightningModule):
         patch_margin: int = 0,
         prior: str = "none",
         prior_threshold: float = 0.19,
+        patch_fields: str = "data",
+        patch_field_noise: float = 0.0,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -190,6 +200,10 @@ class QSMMethod(L.LightningModule):
         if prior != "none" and "field" not in self.inputs:
             raise QSMInputError(f"model.prior={prior!r}: {type(self).__name__} has no local-field input "
                                 f"(inputs {list(self.inputs)}); use prior: none")
+        if patch_fields not in ("data", "simulate"):
+            raise QSMInputError(f"model.patch_fields: expected 'data' or 'simulate', got {patch_fields!r}")
+        if not float(patch_field_noise) >= 0:
+            raise QSMInputError(f"model.patch_field_noise: expected a number of ppm >= 0, got {patch_field_noise!r}")
         if pad_mode not in ("constant", "replicate"):
             raise QSMInputError(f"model.pad_mode: expected 'constant' or 'replicate', got {pad_mode!r}")
         if field_scale is not None and not (math.isfinite(field_scale) and field_scale > 0):
@@ -203,7 +217,8 @@ class QSMMethod(L.LightningModule):
             scheduler_gamma=scheduler_gamma, min_lr=min_lr, field_scale=field_scale, pad_factor=pad_factor,
             pad_mode=pad_mode, max_inference_voxels=max_inference_voxels, sw_roi_size=sw_roi_size,
             sw_overlap=sw_overlap, metrics=metrics, log_images=log_images, channels_last=channels_last,
-            patch_margin=int(patch_margin), prior=prior, prior_threshold=float(prior_threshold))
+            patch_margin=int(patch_margin), prior=prior, prior_threshold=float(prior_threshold),
+            patch_fields=patch_fields, patch_field_noise=float(patch_field_noise))
         nan = float("nan")
         self.register_buffer("field_scale", torch.tensor(nan if field_scale is None else float(field_scale)))
         self.register_buffer("train_b0_dir", torch.full((3,), nan))
@@ -530,8 +545,27 @@ class QSMMethod(L.LightningModule):
         return {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
     # -- training -----------------------------------------------------------------------------------
+    def simulate_patch_fields(self, batch):
+        """``patch_fields: simulate``: the batch with ``field = A(chi * mask) * mask`` (+ noise), when it has chi."""
+        if self.hparams.get("patch_fields", "data") != "simulate" or not dataclasses.is_dataclass(batch):
+            return batch
+        if batch.get("chi") is None:
+            self._warn_once("simulate", f"{type(self).__name__}: patch_fields=simulate but the training batch has "
+                                        "no chi (in-vivo rows): training on the measured field")
+            return batch
+        m = (batch.mask > 0.5).to(batch.chi.dtype)
+        with torch.no_grad():
+            physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+            field = physics.A(batch.chi * m)
+            sigma = float(self.hparams.get("patch_field_noise", 0.0) or 0.0)
+            if sigma > 0:
+                std = torch.rand((field.shape[0],) + (1,) * (field.ndim - 1), device=field.device) * sigma
+                field = field + std.to(field.dtype) * torch.randn_like(field)
+        return dataclasses.replace(batch, field=(field * m).to(batch.field.dtype))
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         self._ensure_statistics(batch)
+        batch = self.simulate_patch_fields(batch)
         pred = self._mask_outputs(self.infer_images(self._images_of(batch), windows=False,
                                                     geometry=(batch.voxel_size, batch.b0_dir)), batch.mask)
         physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
