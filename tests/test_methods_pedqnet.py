@@ -172,3 +172,43 @@ def test_brainmask_trains_checkpoints_and_predicts_a_mask(manifest, tmp_path):
     np.testing.assert_array_equal(pred, ref)
     with pytest.raises(QSMInputError, match="magnitude"):
         predict_volume(loaded, mag, np.ones_like(mag), row.voxel_size, row.b0_dir)
+
+
+def test_pedqnet_prior_tkd_is_added_once_and_segmented_with_chi(manifest):
+    """``model.prior: tkd``: the recon net's output layer starts at zero, so an untrained PedQ-NET is TKD
+    (the thresholded k-space division of the local field, :meth:`DipoleOperator.A_dagger`, masked) --
+    added once, not twice -- and its UNETR segments that full chi (recon output + prior), so the
+    segmentation loss trains the network that corrects TKD."""
+    from qsmlab.physics import DipoleOperator
+
+    torch.manual_seed(0)
+    model = PedQNet(**TINY_PED, prior="tkd").eval()
+    assert model.net.in_channels == 3 and float(model.net.head.weight.detach().abs().sum()) == 0.0
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    field = _load(row.field)[0]
+    mask = _load(row.mask)[0] > 0.5
+    scale = 0.01
+    model.set_statistics(scale, row.b0_dir, row.voxel_size)
+    got = predict_volume(model, field, mask, row.voxel_size, row.b0_dir)
+    op = DipoleOperator(row.voxel_size, row.b0_dir, pad_factor=2.0)
+    tkd = op.A_dagger(torch.from_numpy(field * mask).double(), 0.19).numpy() * mask
+    np.testing.assert_allclose(got, tkd, atol=1e-5 * np.abs(tkd).max())
+    # the UNETR sees chi = net + prior (here: the prior itself), in network units
+    seen = []
+    model.segment = lambda chi: seen.append(chi.detach().clone()) or torch.zeros(
+        chi.shape[0], len(model.seg_classes) + 1, *chi.shape[2:])
+    model.train()
+    batch = _batch()
+    model.training_step(batch, 0)
+    prior = model.prior_map({"field": batch.field, "mask": batch.mask}, (batch.voxel_size, batch.b0_dir))
+    assert float(prior.abs().max()) > 0
+    torch.testing.assert_close(seen[0], prior.to(seen[0].dtype), atol=1e-5, rtol=1e-4)
+
+
+def test_pedqnet_prior_tkd_trains_the_recon_net_through_the_zero_head():
+    torch.manual_seed(0)
+    m = PedQNet(**TINY_PED, prior="tkd", loss={"lambda_dc": 1.0, "lambda_seg": 0.01})
+    m.set_statistics(0.01, [0, 0, 1], [2, 2, 2])
+    loss = m.training_step(_batch(), 0)
+    loss.backward()
+    assert float(m.net.head.weight.grad.abs().sum()) > 0

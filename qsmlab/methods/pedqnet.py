@@ -157,15 +157,13 @@ class PedQNet(QSMMethod):
                  detach_seg_input: bool = False, segment_at_inference: bool = False,
                  loss: PedQNetLoss | None = None, **kwargs):
         super().__init__(**kwargs)
-        if self.prior_channels:  # the segmentation net reads chi inside run_network, before any residual
-            raise QSMInputError("PedQNet: model.prior is not supported (its UNETR segments the network's chi); "
-                                "use prior: none")
         self.loss_config = as_dataclass(PedQNetLoss, loss)
         self.seg_classes = dict(seg_classes or SUBCORTICAL_CLASSES)
         if not self.seg_classes:
             raise QSMInputError("model.seg_classes: expected at least one class")
         self.register_buffer("label_lut", label_lut(self.seg_classes), persistent=False)
-        self.net = PedQNetRecon(in_channels=2, out_channels=1, filters=list(filters), kernel_size=kernel_size,
+        self.net = PedQNetRecon(in_channels=len(self.inputs) + self.prior_channels, out_channels=1,
+                                filters=list(filters), kernel_size=kernel_size,
                                 res_block=res_block)
         self.seg_net = SubcorticalUNETR(num_classes=len(self.seg_classes) + 1, img_size=_img_size(seg_img_size),
                                         feature_size=seg_feature_size, hidden_size=seg_hidden_size,
@@ -221,11 +219,20 @@ class PedQNet(QSMMethod):
                                         overlap=float(self.hparams.get("sw_overlap", 0.25)), mode="gaussian")
 
     def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"chi": the recon net's output (masked), "seg_logits": UNETR on the reconstructed chi}``.
+
+        With ``model.prior`` the input's last channel is the prior (TKD, network units, masked) and the
+        reconstructed chi is ``net(x) + prior``: the UNETR segments that sum, while ``"chi"`` returned here
+        is the network's part only, because the base adds the prior to the primary output once, after the
+        network (:meth:`QSMMethod.infer_images`). So the prior enters chi exactly once, and the segmentation
+        loss back-propagates through the same chi the data-consistency loss sees.
+        """
         x = self._memory_format(x)
         chi = self.net(x) * (x[:, 1:2] > 0.5)
         out = {"chi": chi}
         if self.training or self.segment_at_inference or self._evaluating:
-            out["seg_logits"] = self.segment(chi)
+            full = chi + x[:, -1:] if self.prior_channels else chi
+            out["seg_logits"] = self.segment(full)
         return out
 
     # -- training and evaluation --------------------------------------------------------------------

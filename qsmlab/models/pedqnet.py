@@ -71,6 +71,12 @@ class PedQNetRecon(nn.Module):
             res_block=bool(res_block),
         )
 
+    @property
+    def head(self) -> nn.Conv3d:
+        """The output layer (DynUNet's 1x1x1 ``output_block`` convolution): what
+        :class:`qsmlab.methods.QSMMethod` zero-initialises under ``model.prior`` (an untrained net adds 0)."""
+        return self.net.output_block.conv.conv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_channels, X, Y, Z] -> [B, out_channels, X, Y, Z]``. With autograd enabled this is
         MONAI's ``DynUNet.forward``; without it, :meth:`_lean_forward`, the same function in less
