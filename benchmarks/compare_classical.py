@@ -298,8 +298,12 @@ def main() -> None:
                 pd.DataFrame(rows).to_csv(a.out / "inversions.csv", index=False)
     if a.cache_only:
         return
+    sets = sorted({case_set(r["case"]) for r in rows}, key=lambda v: v != "1x1x1")
+    grids = {"1x1x1": "96^3", "0.5x0.5x2": "160 x 160 x 40"}
+    where = (f"{a.shape if a.crop is None else [a.crop] * 3} at {' x '.join(f'{v:g}' for v in a.voxel_size)} mm"
+             if not a.from_csv else ", ".join(f"{v} mm ({grids.get(v, '?')})" for v in sets))
     text = (f"## Classical inversions on in-vivo-like subjects: mean over {len(set(r['case'] for r in rows))} cases "
-            f"(seeds {a.seeds}, SNR {a.snr}, tilt {a.tilt} deg, {a.shape if a.crop is None else [a.crop] * 3} at 1 mm)"
+            f"(seeds {a.seeds}, SNR {a.snr}, tilt {a.tilt} deg; {where})"
             "\n\nDemeaned NRMSE (%) in the valid mask; times in s on this machine.\n\n" + summarise(rows))
     per_case = pd.DataFrame(rows)[["case", "method", "param", "default_value", "default_nrmse", "auto_nrmse",
                                    "oracle_value", "oracle_nrmse", "auto_over_solve"]]
