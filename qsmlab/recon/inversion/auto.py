@@ -16,7 +16,9 @@ in the weight, so the target is bracketed by a walk from strong to weak regulari
 with no derivative of a noisy curve; on in-vivo-like fields the oracle weight's residual is 1.0-1.25
 sigma. Measured (``benchmarks/results/compare_classical/summary.md``, 12 cases at 96^3): tv and nltv
 within 1.7 % of the oracle NRMSE, medi within 8.2 %, lsqr's stop within 3.5 % except at SNR 100
-without tilt (10-11 %; at 0.5 x 0.5 x 2 mm up to 18 %: its misfit, like ndi's, is set by model error). ndi: at SNR 100 its misfit never falls to the noise (its floor is the field's
+(up to 11 % at 1 mm, 18 % at 0.5 x 0.5 x 2 mm: its misfit, like ndi's, is set by model error, and the stop
+came at 6-11 iterations where 2-5 was best); it now stops at ``lsqr.AUTO_MAX_ITER`` = 4 at the latest
+(see :mod:`qsmlab.recon.inversion.lsqr`). ndi: at SNR 100 its misfit never falls to the noise (its floor is the field's
 model error: background-removal residue, white-matter anisotropy; the misfit curve is the same at SNR 40
 and 100, and the oracle's misfit is 2.3-2.7x the true noise there, so a better noise estimate would not
 help), and the old walk down to 1e-4 cost 9-13.5 %; it now stops at ``ndi.NDI_AUTO_MIN`` = 3e-3 (see
