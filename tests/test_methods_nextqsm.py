@@ -130,18 +130,49 @@ def test_background_net_alone_is_the_chains_local_field(trained, manifest):
         background_from_checkpoint(ckpt, t, m[:-1], row.voxel_size, row.b0_dir)
 
 
+def test_background_init_vsharp_starts_as_vsharp_and_trains(manifest, tmp_path):
+    """``background_init="vsharp"``: the background net's output layer starts at zero and adds to the
+    V-SHARP local field (TSVD), so the untrained chain's local field *is* V-SHARP's, with the background
+    removed; training moves the correction away from zero."""
+    from qsmlab.recon import registry
+
+    torch.manual_seed(0)
+    model = NeXtQSM(**TINY_NET, background_init="vsharp")
+    assert float(model.net.background.head.weight.detach().abs().sum()) == 0.0
+    row = next(r for r in load_manifest(manifest).rows if r.subject == "anat002")
+    f, t, m = _load(row.field)[0], _load(row.total_field)[0], _load(row.mask)[0] > 0.5
+    model.set_statistics(0.01, row.b0_dir, row.voxel_size)
+    model.total_field_scale.fill_(0.5)
+    local = background_from_checkpoint(model.eval(), t, m, row.voxel_size, row.b0_dir)
+    ref, valid = registry.get("background", "vsharp")(t * m, m, voxel_size=row.voxel_size, solver="tsvd",
+                                                      quiet=True)
+    np.testing.assert_allclose(local, ref * valid * m, atol=1e-6 * np.abs(ref).max())
+    # the background (here ~20x the local field) is gone: what is left is V-SHARP's error at 5 mm
+    assert np.linalg.norm((local - f)[valid]) < 0.2 * np.linalg.norm((t - f)[valid])
+    torch.manual_seed(0)
+    trained = NeXtQSM(**TINY_NET, background_init="vsharp")
+    dm = QSMDataModule(str(manifest), patch_size=16, samples_per_volume=2, queue_length=4, batch_size=2,
+                       val_subjects=["anat002"], seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, steps=2).fit(trained, dm)
+    assert float(trained.net.background.head.weight.detach().abs().sum()) > 0.0
+
+
 def _ellipsoid(shape):
     g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     return ((g[0] / 0.8) ** 2 + (g[1] / 0.7) ** 2 + (g[2] / 0.75) ** 2 <= 1.0).astype(np.float32)
 
 
+@pytest.mark.parametrize("init", ["field", "tkd"])
 @pytest.mark.parametrize("b0, vs", [((0.3, 0.2, 0.93), (1.0, 1.2, 2.0)), ((0.0, 0.0, 1.0), (1.0, 1.0, 1.0))])
-def test_untrained_variational_net_is_projected_descent_in_the_scans_geometry(b0, vs):
+def test_untrained_variational_net_is_projected_descent_in_the_scans_geometry(b0, vs, init):
     """With its regulariser at zero (the initial output layer), the variational network is K steps of
-    chi <- M (chi - a_k A(M (A chi - f))) from chi = M f, with A the dipole operator of the scan's own
-    B0 and voxel size: computed here by hand from ``DipoleOperator``."""
+    chi <- M (chi - a_k A(M (A chi - f))) from chi_0 = M f (``varnet_init="field"``, the paper's) or from
+    the TKD chi_0 = M A^dagger(M f) (``"tkd"``, thresholded k-space division at 0.19), with A the dipole
+    operator of the scan's own B0 and voxel size: computed here by hand from ``DipoleOperator``."""
     torch.manual_seed(0)
-    model = NeXtQSM(**{**TINY_NET, "steps": 3, "init_step": 1.5}).eval()
+    model = NeXtQSM(**{**TINY_NET, "steps": 3, "init_step": 1.5, "varnet_init": init}).eval()
     b0 = np.asarray(b0) / np.linalg.norm(b0)
     scale = 0.02
     model.set_statistics(scale, b0_dir=b0, voxel_size=vs)
@@ -156,19 +187,28 @@ def test_untrained_variational_net_is_projected_descent_in_the_scans_geometry(b0
     got = predict_volume(model, f, m, vs, b0)  # no total field: the variational network alone
     alphas = torch.nn.functional.softplus(model.net.varnet.step_params).detach().numpy()
     fn = f / scale
-    chi = fn * m
+
+    def start(o):
+        if init == "field":
+            return fn * m
+        return o.A_dagger(torch.from_numpy(fn * m).double(), 0.19).numpy() * m
+
+    chi = chi0 = start(op)
     for a in alphas:
         chi = m * (chi - a * op.A(m * (op.A(chi) - fn)))
     np.testing.assert_allclose(got, chi * scale, atol=1e-5 * np.abs(chi * scale).max())
     # and it is not the descent of another geometry (the test would pass if geometry were ignored)
     other = DipoleOperator((1.0, 1.0, 1.0), (1.0, 0.0, 0.0), pad_factor=1.0)
-    chi_o = fn * m
+    chi_o = start(other)
     for a in alphas:
         chi_o = m * (chi_o - a * other.A(m * (other.A(chi_o) - fn)))
     assert np.abs(got - chi_o * scale).max() > 0.05 * np.abs(got).max()
     # data consistency improves over the initial chi = M f (what the steps are for)
     res = lambda c: np.linalg.norm(m * (op.A(c.astype(np.float64)) - f))  # noqa: E731
-    assert res(got) < res(f * m)
+    assert res(got) < res(chi0 * scale)
+    if init == "tkd":  # TKD is a susceptibility map already: far closer to the truth than the field is
+        err = lambda c: np.linalg.norm((c - chi_true) * m)  # noqa: E731
+        assert err(got) < 0.8 * err(f * m)
 
 
 def test_harmonic_residual_removes_harmonic_fields_only_where_the_sphere_fits():
