@@ -63,8 +63,9 @@ def _run(sim, **kw):
     from qsmlab.recon.pipeline import run_pipeline
 
     kw.setdefault("inversion", "cfl2")  # the bounds and oracles below were measured with cfl2 (fast)
-    if kw["inversion"] == "cfl2":  # ... at lam 0.01 (its default then; auto is tested below)
-        kw["inv_params"] = {"lam": 0.01, **(kw.get("inv_params") or {})}
+    if kw["inversion"] == "cfl2":  # ... at lam 0.01 with the gradient penalty (its defaults then; auto is
+        # tested below; the default penalty is now Tikhonov, whose lam has another scale)
+        kw["inv_params"] = {"lam": 0.01, "penalty": "gradient", **(kw.get("inv_params") or {})}
 
     return run_pipeline(sim["phase"], sim["magnitude4"], TE, B0, voxel_size=sim["voxel_size"],
                         b0_dir=sim["b0_dir"], quiet=True, **kw)
@@ -111,7 +112,8 @@ def test_pipeline_noise_free_is_exact_up_to_background_removal():
     r = _run(sim, mask=m)
     assert np.abs(r["total_field"] - sim["total"])[m].max() < 1e-9
     loc, vv = registry.get("background", "vsharp")(sim["total"], m, voxel_size=sim["voxel_size"])
-    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=sim["voxel_size"], lam=0.01) * vv
+    oracle = registry.get("inversion", "cfl2")(loc * vv, vv, voxel_size=sim["voxel_size"], lam=0.01,
+                                                     penalty="gradient") * vv
     np.testing.assert_allclose(r["chi"], oracle, atol=1e-9)
     assert r["provenance"]["steps"][0]["method"] == "given"
 
