@@ -136,7 +136,7 @@ class DipoleOperator:
 
     __call__ = A
 
-    def A_dagger(self, y: "torch.Tensor", threshold: float = 0.19) -> "torch.Tensor":
+    def A_dagger(self, y: torch.Tensor, threshold: float = 0.19) -> torch.Tensor:
         """Thresholded pseudo-inverse of :meth:`A` (TKD, Shmueli et al. 2009): chi (ppm) from a field (ppm).
 
         ``1/D`` where ``|D| >= threshold``, ``sign(D)/threshold`` below it, 0 at DC (the field does not
