@@ -146,3 +146,18 @@ def test_cache_default_depends_on_size(manifest, monkeypatch):
     assert not any(s["field"]._loaded for s in q.subjects_dataset._subjects)
     q = QSMDataModule(str(manifest), cache_volumes=True, **kw).train_queue()  # explicit wins
     assert all(s["field"]._loaded for s in q.subjects_dataset._subjects)
+
+
+def test_eval_field_noise_is_deterministic_and_only_on_evaluation_volumes(manifest):
+    kw = dict(patch_size=8, val_subjects=["sub-02"], seed=3)
+    (clean,) = list(QSMDataModule(str(manifest), **kw).val_dataloader())
+    dm = QSMDataModule(str(manifest), eval_field_noise=0.01, **kw)
+    (a,) = list(dm.val_dataloader())
+    (b,) = list(QSMDataModule(str(manifest), eval_field_noise=0.01, **kw).val_dataloader())
+    d = (a.field - clean.field).numpy()
+    assert 0.008 < d.std() < 0.012 and torch.equal(a.field, b.field)  # same noise in every loader
+    (other,) = list(QSMDataModule(str(manifest), eval_field_noise=0.01, **{**kw, "seed": 4}).val_dataloader())
+    assert not torch.equal(other.field, a.field)
+    assert torch.equal(a.mask, clean.mask) and torch.equal(a.chi, clean.chi) if clean.chi is not None else True
+    with pytest.raises(QSMInputError, match="eval_field_noise"):
+        QSMDataModule(str(manifest), eval_field_noise=-1, **kw)

@@ -66,3 +66,31 @@ class MagnitudeNoise(RandomTransform):
         noisy = torch.sqrt((m + sigma * torch.randn_like(m)) ** 2 + (sigma * torch.randn_like(m)) ** 2)
         subject["magnitude"].set_data(noisy.to(m.dtype))
         return subject
+
+
+class EvalFieldNoise(tio.Transform):
+    """Deterministic N(0, std_ppm^2) noise on ``field`` (and ``total_field``) of evaluation volumes.
+
+    Validation on a simulation's exact local field rewards no regularisation at all (the uQSM paper used
+    lambda_TV = 0 on high-SNR data); measured fields are noisy. The noise of a subject depends only on
+    ``seed`` and the subject's ID (a stable hash), so every validation of a run, every trial of a sweep
+    and every rank see the same noisy volume. Not a random augmentation: TorchIO applies it to every
+    evaluation subject.
+    """
+
+    def __init__(self, std_ppm: float, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.std_ppm = float(std_ppm)
+        self.seed = int(seed)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        import zlib
+
+        key = zlib.crc32(str(subject.get("subject", "")).encode()) ^ (self.seed & 0xFFFFFFFF)
+        gen = torch.Generator().manual_seed(int(key))
+        for k in ("field", "total_field"):
+            if k in subject:
+                d = subject[k].data
+                noise = torch.randn(d.shape, generator=gen, dtype=torch.float32).to(d.dtype)
+                subject[k].set_data(d + self.std_ppm * noise)
+        return subject
