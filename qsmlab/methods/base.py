@@ -373,15 +373,13 @@ class QSMMethod(L.LightningModule):
         """The ``prior`` chi (network units, masked) for ``images``; ``geometry`` = (voxel_size, b0_dir),
         one 3-vector or one row per sample; None = the training geometry (the inference frame's)."""
         if geometry is None:
-            geometry = (self.train_voxel_size.cpu().numpy(), self.train_b0_dir.cpu().numpy())
-        vs, b0 = (np.asarray(g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else g, dtype=np.float64)
-                  for g in geometry)
-        if not (np.all(np.isfinite(vs)) and np.all(np.isfinite(b0))):
+            geometry = (self.train_voxel_size, self.train_b0_dir)
+        vs, b0 = geometry
+        if not all(bool(np.all(np.isfinite(np.asarray(torch.as_tensor(g).cpu())))) for g in geometry):
             raise QSMInputError(f"{type(self).__name__}: prior={self.hparams.get('prior')!r} needs the voxel size "
                                 "and B0 direction of the input (not known: fit the method or pass the geometry)")
-        from qsmlab.physics import DipoleOperator
-
-        op = DipoleOperator(voxel_size=vs, b0_dir=b0, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+        # the losses' operator: one kernel row when every sample shares the geometry
+        op = physics_for_batch({"voxel_size": vs, "b0_dir": b0}, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
         m = (images["mask"] > 0.5).float()
         chi = op.A_dagger(images["field"].float() * m, float(self.hparams.get("prior_threshold", 0.19)))
         return chi * m / self.scale

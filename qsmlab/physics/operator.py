@@ -43,6 +43,7 @@ def padded_shape(shape: Sequence[int], pad_factor: float) -> tuple[int, int, int
 
 
 _TORCH_KERNELS: dict = {}
+_TORCH_INVERSES: dict = {}  # thresholded inverses of cached kernels (A_dagger), same bound and keys + threshold
 
 
 def _torch_kernel(shape, voxel_size, b0_dir, kind, dtype, device):
@@ -155,11 +156,18 @@ class DipoleOperator:
         spec = torch.fft.rfftn(compute, s=s, dim=(-3, -2, -1))
 
         def inverse(i):
-            D = _torch_kernel(s, *self._geometry(i), self.kind, compute.dtype, compute.device)
-            small = D.abs() < threshold
-            inv = torch.where(small, torch.sign(D) / threshold, 1.0 / torch.where(small, torch.ones_like(D), D))
-            inv = inv.clone()
-            inv.reshape(-1)[0] = 0.0
+            vs, b = self._geometry(i)
+            key = (tuple(s), tuple(float(v) for v in vs), tuple(float(v) for v in b), self.kind, float(threshold),
+                   compute.dtype, str(compute.device))
+            inv = _TORCH_INVERSES.get(key)
+            if inv is None:  # built once per grid, geometry and threshold, like the kernel itself
+                D = _torch_kernel(s, vs, b, self.kind, compute.dtype, compute.device)
+                small = D.abs() < threshold
+                inv = torch.where(small, torch.sign(D) / threshold, 1.0 / torch.where(small, torch.ones_like(D), D))
+                inv.reshape(-1)[0] = 0.0
+                if len(_TORCH_INVERSES) > 16:
+                    _TORCH_INVERSES.pop(next(iter(_TORCH_INVERSES)))
+                _TORCH_INVERSES[key] = inv
             return inv
 
         if g == 1:
