@@ -61,11 +61,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss, physics_for_batch
+from qsmlab.methods.background_inputs import harmonic_residual, smv_kernel, vsharp_estimate  # noqa: F401 (API)
 from qsmlab.methods.base import QSMMethod, as_dataclass
 from qsmlab.methods.statistics import masked_sample, robust_std
 from qsmlab.metrics import VolumeMetrics
@@ -114,62 +114,6 @@ def build_nextqsm_loss(cfg: NeXtQSMLoss) -> CompositeLoss:
     })
 
 
-def smv_kernel(radius_mm: float, voxel_size) -> torch.Tensor:
-    """Normalised sphere of ``radius_mm`` on a grid of ``voxel_size`` (mm), [1, 1, a, b, c], sum 1."""
-    half = [int(math.floor(radius_mm / float(v) + 1e-6)) for v in voxel_size]
-    axes = [np.arange(-h, h + 1) * float(v) for h, v in zip(half, voxel_size)]
-    g = np.meshgrid(*axes, indexing="ij")
-    ball = (g[0] ** 2 + g[1] ** 2 + g[2] ** 2 <= radius_mm**2 + 1e-6).astype(np.float32)
-    return torch.from_numpy(ball / ball.sum())[None, None]
-
-
-def harmonic_residual(total: torch.Tensor, mask: torch.Tensor, voxel_size, radius_mm: float) -> torch.Tensor:
-    """``M_r (t - S_r * (M t))`` for ``t`` [B, 1, X, Y, Z] (ppm) and voxel sizes [B, 3] or [1, 3] (mm).
-
-    SHARP's first step (Schweser et al., NeuroImage 54, 2011): by the mean value property a field that is
-    harmonic inside the brain equals its spherical mean, so the residual holds no background at all
-    where the sphere ``S_r`` fits inside the mask (``M_r``, the eroded mask; 0 elsewhere), and the local
-    field's high-pass there. It is a fixed input channel of the background net (see the module docstring).
-    """
-    vs = torch.as_tensor(voxel_size, dtype=torch.float32).reshape(-1, 3).cpu().numpy()
-    out = []
-    for i in range(total.shape[0]):
-        k = smv_kernel(radius_mm, vs[min(i, len(vs) - 1)]).to(total)
-        pad = [n // 2 for n in k.shape[-3:]]
-        t, m = total[i : i + 1] * mask[i : i + 1], mask[i : i + 1]
-        eroded = (F.conv3d(m, k, padding=pad) > 1 - 1e-4).to(t.dtype)
-        out.append(eroded * (t - F.conv3d(t, k, padding=pad)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def vsharp_estimate(total: torch.Tensor, mask: torch.Tensor, voxel_size) -> torch.Tensor:
-    """V-SHARP local field (ppm, [B, 1, X, Y, Z], 0 outside its valid mask) of masked total fields (ppm).
-
-    :func:`qsmlab.recon.background.vsharp` with its default radii and the one-shot TSVD deconvolution
-    (threshold 0.05), per sample, on the CPU: 1.9 s of CPU for the 2 mm brain anat004, local-field NRMSE
-    29 % there (the default CG solver: 19 %, at several times the cost). A fixed, parameter-free input (no
-    gradient); a grid where no sphere fits inside the mask gives zeros.
-    """
-    from qsmlab.recon import registry
-
-    fn = registry.get("background", "vsharp")
-    vs = torch.as_tensor(voxel_size, dtype=torch.float32).reshape(-1, 3).cpu().numpy()
-    t = total.detach().float().cpu().numpy()
-    m = mask.detach().float().cpu().numpy() > 0.5
-    out = np.zeros_like(t)
-    for i in range(t.shape[0]):
-        if not m[i, 0].any():
-            continue
-        try:
-            local, valid = fn(t[i, 0], m[i, 0], voxel_size=tuple(vs[min(i, len(vs) - 1)]), solver="tsvd",
-                              quiet=True)
-        except QSMInputError:  # no sphere fits (a patch at the brain's edge): no estimate
-            continue
-        out[i, 0] = local * valid
-    return torch.from_numpy(out).to(device=total.device, dtype=total.dtype)
-
-
 class NeXtQSMChain(nn.Module):
     """:class:`BackgroundUNet` (``bg_channels`` inputs) then :class:`VariationalNet`; the method calls the
     two parts itself (inputs, teacher forcing, background-only inference), so there is no ``forward``."""
@@ -209,6 +153,12 @@ class NeXtQSM(QSMMethod):
         varnet_pad_factor: zero padding of the dipole operator inside the variational network (1 =
             periodic on the network's grid; the brain sits inside zeros, so wrap-around is small, and
             every step costs two FFT pairs of the padded grid: 2 pads 8x the voxels).
+        varnet_inference_pad_factor: the same padding outside training (validation, test, predict); None
+            (default) = ``varnet_pad_factor``. Training on patches needs the linear convolution (a patch's
+            field is the linear convolution of its chi), but a whole head sits inside a border of zeros,
+            where a smaller padding changes little and the FFTs shrink: at 160^3, 2 -> 1.5 takes a
+            three-step variational network from 5.2 to 3.0 s (2 threads), and at 256^3 the padded grid
+            from 512^3 (0.5 GB per real copy) to 384^3.
         varnet_init: where the unrolled descent starts: ``"tkd"`` (default, this project's: chi_0 =
             M A^dagger(M f), the TKD of the background net's local field through the same operator) or
             ``"field"`` (chi_0 = M f, the paper's). The local field is ~3x smaller than chi and blurred, and
@@ -245,13 +195,18 @@ class NeXtQSM(QSMMethod):
 
     def __init__(self, bg_width: int = 16, bg_depth: int = 4, steps: int = 4, reg_width: int = 8,
                  reg_depth: int = 2, init_step: float = 1.0, checkpointing: bool = False,
-                 varnet_pad_factor: float = 1.0, varnet_init: str = "tkd", varnet_init_threshold: float = 0.19,
+                 varnet_pad_factor: float = 1.0, varnet_inference_pad_factor: float | None = None,
+                 varnet_init: str = "tkd", varnet_init_threshold: float = 0.19,
                  harmonic_input: bool = True, smv_radius_mm: float = 4.0, background_init: str = "none",
                  loss: NeXtQSMLoss | None = None,
                  total_field_scale: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if not (math.isfinite(varnet_pad_factor) and varnet_pad_factor >= 1):
             raise QSMInputError(f"model.varnet_pad_factor: expected a number >= 1, got {varnet_pad_factor!r}")
+        if varnet_inference_pad_factor is not None and not (math.isfinite(varnet_inference_pad_factor)
+                                                            and varnet_inference_pad_factor >= 1):
+            raise QSMInputError("model.varnet_inference_pad_factor: expected a number >= 1 or null, got "
+                                f"{varnet_inference_pad_factor!r}")
         if total_field_scale is not None and not (math.isfinite(total_field_scale) and total_field_scale > 0):
             raise QSMInputError(f"model.total_field_scale: expected a positive number of ppm, got "
                                 f"{total_field_scale!r}")
@@ -364,7 +319,15 @@ class NeXtQSM(QSMMethod):
         if b0.shape[0] not in (1, n) or vs.shape[0] not in (1, n):
             raise QSMInputError(f"NeXtQSM: geometry for {b0.shape[0]} samples, network input has {n}")
         return physics_for_batch({"b0_dir": b0, "voxel_size": vs},
-                                 pad_factor=float(self.hparams.get("varnet_pad_factor", 1.0)))
+                                 pad_factor=self.varnet_pad)
+
+    @property
+    def varnet_pad(self) -> float:
+        """Padding factor of the variational network's operator now: the training one while training,
+        ``varnet_inference_pad_factor`` (when set) otherwise."""
+        pad = float(self.hparams.get("varnet_pad_factor", 1.0))
+        inference = self.hparams.get("varnet_inference_pad_factor")
+        return pad if self.training or inference is None else float(inference)
 
     def network_input(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Channels by mode (``self._channels`` names them for :meth:`run_network`):

@@ -104,14 +104,29 @@ class SphericalMean:
         """``(delta - S_r) * x``: zero for harmonic ``x`` where the ball fits inside its harmonic region."""
         return x - self.mean(x)
 
-    def erode(self, mask: np.ndarray) -> np.ndarray:
-        """Voxels of ``mask`` whose whole ball lies in ``mask`` (binary erosion by the ball)."""
-        # Exact and fast: a voxel survives iff its nearest non-mask voxel (outside the FOV counts as
-        # non-mask, hence the zero border) is farther than r. A morphological erosion with a 12 mm ball
-        # structure costs ~7000 operations per voxel; the distance transform is linear in the volume.
-        m = np.pad(mask.astype(bool), 1, constant_values=False)
-        dist = ndimage.distance_transform_edt(m, sampling=self.voxel_size)[1:-1, 1:-1, 1:-1]
-        return dist > self.radius_mm * (1 + 1e-9)
+    def erode(self, mask: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+        """Voxels of ``mask`` whose whole ball lies in ``mask`` (binary erosion by the ball);
+        ``distance``: :func:`boundary_distance` of ``mask`` when the caller erodes by several radii."""
+        if distance is None:
+            distance = boundary_distance(mask, self.voxel_size)
+        return eroded(distance, self.radius_mm)
+
+
+def boundary_distance(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to its nearest non-mask voxel (0 outside the mask).
+
+    Exact and fast erosion by any ball: a voxel survives iff this distance exceeds r (outside the FOV
+    counts as non-mask, hence the zero border). A morphological erosion with a 12 mm ball structure costs
+    ~7000 operations per voxel; the distance transform is linear in the volume, and one serves every
+    radius (V-SHARP erodes by twelve: one transform instead of twelve, 7.6 -> 0.6 s at 160^3).
+    """
+    m = np.pad(np.asarray(mask).astype(bool), 1, constant_values=False)
+    return ndimage.distance_transform_edt(m, sampling=tuple(float(v) for v in voxel_size))[1:-1, 1:-1, 1:-1]
+
+
+def eroded(distance: np.ndarray, radius_mm: float) -> np.ndarray:
+    """The mask eroded by the ball of ``radius_mm``, from its :func:`boundary_distance`."""
+    return distance > float(radius_mm) * (1 + 1e-9)
 
 
 # -- input checks shared by every background method (kept here to stay within this package's files) --

@@ -31,7 +31,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmlab.errors import QSMInputError
-from qsmlab.recon.background._spherical import SphericalMean, _smv_spectrum, check_inputs, demean
+from qsmlab.recon.background._spherical import (
+    SphericalMean,
+    _smv_spectrum,
+    boundary_distance,
+    check_inputs,
+    demean,
+    eroded,
+)
 from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
 
@@ -131,8 +138,9 @@ def vsharp(
     spectra = [_smv_spectrum(first.grid, vs, r) for r in radii]
     regions = []  # (spectrum, voxels whose largest fitting ball has this radius)
     done = np.zeros_like(m)
+    distance = boundary_distance(m, vs)  # one distance transform erodes by every radius
     for r, spec in zip(radii, spectra):
-        new = SphericalMean(f.shape, vs, r).erode(m) & ~done
+        new = eroded(distance, r) & ~done
         if new.any():
             regions.append((spec, new))
             done |= new
