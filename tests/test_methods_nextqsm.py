@@ -299,3 +299,25 @@ def test_torch_vsharp_matches_the_recon_vsharp_per_sample():
         assert valid.sum() > 100
         np.testing.assert_allclose(est[i, 0], ref * valid, atol=1e-5 * np.abs(ref).max())
     assert np.all(est[2] == 0)
+
+
+def test_inference_pad_factor_applies_outside_training_only():
+    """``varnet_inference_pad_factor``: the variational network's operator keeps the training padding while
+    training and takes the inference one in eval mode (None: the training one); a factor below 1 is a
+    one-line error naming the key."""
+    model = NeXtQSM(**TINY_NET, varnet_pad_factor=2.0, varnet_inference_pad_factor=1.25)
+    model.set_statistics(0.01, (0.0, 0.0, 1.0), (2.0, 2.0, 2.0))
+    model.train()
+    assert model.varnet_pad == 2.0 and model._network_physics(1).pad_factor == 2.0
+    model.eval()
+    assert model.varnet_pad == 1.25 and model._network_physics(1).pad_factor == 1.25
+    # what eval mode runs: the periodic wrap of a 1.25-padded grid differs from the 2-padded one
+    x = torch.zeros(1, 1, 24, 24, 24)
+    x[..., 4:20, 4:20, 4:20] = torch.randn(1, 1, 16, 16, 16)
+    a = model._network_physics(1).A(x)
+    model.train()
+    b = model._network_physics(1).A(x)
+    assert 0 < float((a - b).abs().max()) < 0.2 * float(b.abs().max())
+    assert NeXtQSM(**TINY_NET, varnet_pad_factor=2.0).eval().varnet_pad == 2.0
+    with pytest.raises(QSMInputError, match="model.varnet_inference_pad_factor"):
+        NeXtQSM(**TINY_NET, varnet_inference_pad_factor=0.5)
