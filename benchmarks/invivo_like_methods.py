@@ -82,14 +82,8 @@ def checkpoint(runs: Path, name: str) -> Path | None:
 def learned(ckpt: Path, s: dict, native: bool) -> np.ndarray:
     from qsmlab.methods.predict import method_from, predict_volume
 
-    model = method_from(ckpt)
-    frame = model._frame
-    if native:  # the network on the scan's own grid: no frame, geometry = the scan's
-        model._frame = lambda *a, **k: None
-    try:
-        return predict_volume(model, s["local"], s["mask"], s["vs"], s["b0"], magnitude=s["magnitude"])
-    finally:
-        model._frame = frame
+    return predict_volume(method_from(ckpt), s["local"], s["mask"], s["vs"], s["b0"], magnitude=s["magnitude"],
+                          voxel_resampling="never" if native else "auto")
 
 
 def main() -> None:

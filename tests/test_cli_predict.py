@@ -14,6 +14,7 @@ from _methods import VAL_SUBJECT, run_cli, tiny_datamodule, tiny_dataset, tiny_t
 
 from qsmlab.data.manifest import load_manifest
 from qsmlab.data.nifti import save_nifti
+from qsmlab.errors import QSMInputError
 from qsmlab.methods import UQSM, QSMnet
 from qsmlab.methods.predict import predict_volume
 from qsmlab.physics import DipoleOperator, b0_dir_from_affine
@@ -80,6 +81,58 @@ def test_predict_oblique_b0_and_other_voxel_size_warn_and_keep_geometry(ckpts, t
     assert side["B0_dir"] == pytest.approx(b0_dir_from_affine(affine).tolist())
     assert side["train_voxel_size"] == pytest.approx([2, 2, 2])
 
+
+
+def test_voxel_resampling_never_runs_on_the_scans_grid_and_still_rotates(ckpts, tmp_path):
+    """``--voxel-resampling never`` (or the checkpoint's ``model.voxel_resampling``): a 1 mm scan through a
+    2 mm checkpoint keeps its own grid (no resampling warning; the network, its prior and physics run at
+    1 mm), an oblique B0 is still rotated; the sidecar records the choice; a bad value is an argparse error."""
+    import warnings
+
+    from qsmlab.methods.predict import method_from
+
+    paths, affine = _scan(tmp_path, voxel_size=(1.0, 1.0, 1.0), tilt=30.0)
+    out = tmp_path / "chi_native.nii.gz"
+    with pytest.warns(UserWarning) as rec:
+        rc, _, err = run_cli(["predict", "--ckpt", str(ckpts["qsmnet"]), "--field", str(paths["field"]),
+                              "--mask", str(paths["mask"]), "--voxel-resampling", "never", "-o", str(out)])
+    assert rc == 0, err
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "30.0 deg from the training direction" in msgs and "resampled" not in msgs
+    img = nib.load(str(out))
+    assert img.shape == (20, 22, 18) and np.allclose(img.affine, affine)
+    assert json.loads((tmp_path / "chi_native.json").read_text())["voxel_resampling"] == "never"
+    # the frame: rotation only, the scan's voxel size kept; "auto" resamples to the training 2 mm
+    model = method_from(ckpts["qsmnet"])
+    mask = np.asarray(nib.load(str(paths["mask"])).dataobj) > 0.5
+    f = np.asarray(nib.load(str(paths["field"])).dataobj)
+    b0 = b0_dir_from_affine(affine)
+    model.hparams["voxel_resampling"] = "never"
+    try:
+        frame = model._frame(mask.shape, (1.0, 1.0, 1.0), b0)
+        assert frame.rotated and not frame.resampled and np.allclose(frame.out_voxel_size, 1.0)
+        assert model._frame(mask.shape, (1.0, 1.0, 1.0), model.train_b0_dir.numpy()) is None
+    finally:
+        model.hparams["voxel_resampling"] = "auto"
+    assert model._frame(mask.shape, (1.0, 1.0, 1.0), b0).resampled
+    # the API's per-call override equals the command, and leaves the checkpoint's setting as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api = predict_volume(model, f, mask, voxel_size=(1, 1, 1), b0_dir=b0, voxel_resampling="never")
+    assert np.allclose(api, np.asarray(img.dataobj), atol=1e-6)
+    assert model.hparams["voxel_resampling"] == "auto"
+    with pytest.raises(QSMInputError, match="voxel_resampling"):
+        predict_volume(model, f, mask, voxel_size=(1, 1, 1), b0_dir=b0, voxel_resampling="sometimes")
+    import contextlib
+    import io
+
+    from qsmlab.cli import main as cli_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:  # argparse's own one-line error
+        cli_main(["predict", "--ckpt", str(ckpts["qsmnet"]), "--field", str(paths["field"]),
+                  "--mask", str(paths["mask"]), "--voxel-resampling", "sometimes", "-o", str(out)])
+    assert exc.value.code == 2 and "--voxel-resampling" in err.getvalue()
 
 def test_dip_command(tmp_path):
     paths, affine = _scan(tmp_path, shape=(16, 16, 16))

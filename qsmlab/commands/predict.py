@@ -16,8 +16,9 @@ Any grid size (padded to the network's multiple, or tiled with Gaussian-blended 
 large) and any B0 direction: when B0 is more than 1 degree from the training data's direction (stored
 in the checkpoint), the field and mask are rotated into a frame where B0 matches, the network runs, and
 chi is rotated back (a warning says so). A voxel size more than 25 % from the training one is resampled
-to it and back, with a warning. The B0 direction (voxel axes) is, by priority: --b0-dir, the field's JSON
-sidecar key "B0_dir", the field's affine. The voxel size comes from the header unless --voxel-size.
+to it and back, with a warning, unless the checkpoint says voxel_resampling: never (the quick profiles
+with a TKD prior: they keep the scan's resolution) or --voxel-resampling overrides it. The B0 direction
+(voxel axes) is, by priority: --b0-dir, the field's JSON sidecar key "B0_dir", the field's affine. The voxel size comes from the header unless --voxel-size.
 
 The output is float32 NIfTI with the field's affine and header, plus a JSON sidecar (same name, .json)
 recording the checkpoint, the method, B0_dir, the voxel size, the normalisation and the qsmlab version.
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="B0 direction in voxel axes (overrides sidecar/affine)")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="voxel size in mm (default: from the NIfTI header)")
+    p.add_argument("--voxel-resampling", choices=("auto", "never"),
+                   help="voxel size > 25 %% off the training one: 'auto' resamples to it and back, 'never' runs "
+                        "on the scan's grid (default: the checkpoint's model.voxel_resampling)")
     p.add_argument("--method", metavar="NAME",
                    help="expected method (uqsm, uqsm_dip, qsmnet, qsmnet_plus, ...); a checkpoint of another fails")
     p.add_argument("--device", default="cpu", help="torch device for inference (default cpu; e.g. cuda)")
@@ -126,7 +130,8 @@ def run(args) -> int:
             raise QSMInputError(f"--voxel-size {args.voxel_size}: expected three positive numbers (mm)")
     else:
         vs = field.voxel_size
-    chi = predict_volume(model, field.data, mask, voxel_size=vs, b0_dir=b0, **extra)
+    chi = predict_volume(model, field.data, mask, voxel_size=vs, b0_dir=b0,
+                         voxel_resampling=args.voxel_resampling, **extra)
     if not np.all(np.isfinite(chi)):
         raise QSMInputError(f"--ckpt {args.ckpt}: the network produced non-finite values on {args.field}")
     path = save_nifti(out, chi, like=field)
@@ -139,6 +144,7 @@ def run(args) -> int:
         "field_scale_ppm": float(model.field_scale),
         "train_b0_dir": [float(c) for c in model.train_b0_dir],
         "train_voxel_size": [float(c) for c in model.train_voxel_size],
+        "voxel_resampling": args.voxel_resampling or model.hparams.get("voxel_resampling", "auto"),
         "field": str(args.field), "mask": str(args.mask), "magnitude": args.magnitude,
         "total_field": args.total_field,
         "units": "ppm",

@@ -36,7 +36,8 @@ def method_from(ckpt: str | Path | QSMMethod, method: str | None = None) -> QSMM
 def predict_volume(ckpt: str | Path | QSMMethod, field: np.ndarray, mask: np.ndarray,
                    voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
                    magnitude: np.ndarray | None = None, total_field: np.ndarray | None = None,
-                   method: str | None = None, output: str | None = None) -> np.ndarray:
+                   method: str | None = None, output: str | None = None,
+                   voxel_resampling: str | None = None) -> np.ndarray:
     """chi (ppm, (X, Y, Z), zero outside the mask) of a local field with a trained method.
 
     Args:
@@ -46,8 +47,16 @@ def predict_volume(ckpt: str | Path | QSMMethod, field: np.ndarray, mask: np.nda
         magnitude, total_field: inputs for methods whose network takes them (same grid).
         method: expected method name (a checkpoint of another method fails).
         output: which named output to return (default the method's primary output, ``chi``).
+        voxel_resampling: ``"auto"`` or ``"never"`` for this call (see :class:`QSMMethod`); None = the
+            checkpoint's setting.
     """
     model = method_from(ckpt, method)
+    if voxel_resampling is not None:
+        from qsmlab.methods.base import VOXEL_RESAMPLING
+
+        if voxel_resampling not in VOXEL_RESAMPLING:
+            raise QSMInputError(f"voxel_resampling: expected one of {list(VOXEL_RESAMPLING)}, got "
+                                f"{voxel_resampling!r}")
     f = np.asarray(field, dtype=np.float32)
     m = np.asarray(mask) > 0.5
     if f.ndim != 3:
@@ -78,13 +87,17 @@ def predict_volume(ckpt: str | Path | QSMMethod, field: np.ndarray, mask: np.nda
     if not (np.all(np.isfinite(b0)) and np.linalg.norm(b0) > 0):
         raise QSMInputError(f"b0_dir: expected a non-zero 3-vector, got {b0.tolist()}")
     was_training = model.training
+    saved = model.hparams.get("voxel_resampling", "auto")
     model.eval()
     try:
+        if voxel_resampling is not None:
+            model.hparams["voxel_resampling"] = voxel_resampling
         with torch.inference_mode():
             out = model.infer_arrays({k: v for k, v in images.items() if k in use},
                                      vs, b0 / np.linalg.norm(b0))
     finally:
         model.train(was_training)
+        model.hparams["voxel_resampling"] = saved
     key = output or model.primary_output
     if key not in out:
         raise QSMInputError(f"output {key!r}: method {model.name!r} produces {sorted(out)}")
