@@ -73,15 +73,20 @@ def test_recipe(seed: int, n_anat: int) -> dict:
     return rec
 
 
-def measured_total_field(row) -> np.ndarray:
-    """Echo fit of the simulated noisy phase, unwrapped with the known total field (ppm, (X, Y, Z))."""
-    phase = load_nifti(row.phase).data.astype(np.float64)
-    total = load_nifti(row.total_field).data.astype(np.float64)
-    te = np.asarray(row.te, dtype=np.float64)
-    model = total[..., None] * np.asarray([units.phase_scale(t, row.b0_tesla) for t in te])
+def measured_field(phase: np.ndarray, total: np.ndarray, te, b0_tesla: float) -> np.ndarray:
+    """Echo fit of a simulated noisy phase (rad, (X, Y, Z, E)), unwrapped with the known total field
+    (an oracle unwrapping: no unwrapping error, the phase noise kept); ppm, (X, Y, Z)."""
+    te = np.asarray(te, dtype=np.float64)
+    model = np.asarray(total, np.float64)[..., None] * np.asarray([units.phase_scale(t, b0_tesla) for t in te])
     d = np.angle(np.exp(1j * (phase - model)))               # phase offset + noise, wrapped
     d = d[..., :1] + np.angle(np.exp(1j * (d - d[..., :1])))  # the offset is common to all echoes
-    return fit_field(model + d, te, row.b0_tesla).field.astype(np.float32)
+    return fit_field(model + d, te, b0_tesla).field.astype(np.float32)
+
+
+def measured_total_field(row) -> np.ndarray:
+    """:func:`measured_field` of a manifest row's phase and total field."""
+    return measured_field(load_nifti(row.phase).data.astype(np.float64), load_nifti(row.total_field).data,
+                          row.te, row.b0_tesla)
 
 
 def load_subject(row) -> dict:

@@ -36,11 +36,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from compare_methods import measured_field  # noqa: E402  (this folder: run as python benchmarks/...)
 
 from qsmlab.metrics import compute_all  # noqa: E402
-from qsmlab.physics import units  # noqa: E402
 from qsmlab.recon import registry  # noqa: E402
-from qsmlab.recon.echo_fit import fit_field  # noqa: E402
 
 KEYS = ("nrmse", "psnr", "hfen", "ssim", "nrmse_demeaned")
 LEARNED = ("uqsm", "uqsm_tv", "qsmnet", "qsmnet_plus", "nextqsm", "pedqnet")
@@ -52,11 +51,7 @@ def subject(seed: int) -> dict:
     from qsmlab.data.invivo_like import invivo_like_subject
 
     s = invivo_like_subject(seed, voxel_size=VOXEL, tilt_deg=0.0, shape=SHAPE)
-    te = np.asarray(s.te, dtype=np.float64)
-    model = s.total_field[..., None].astype(np.float64) * np.asarray([units.phase_scale(t, s.b0_tesla) for t in te])
-    d = np.angle(np.exp(1j * (s.phase - model)))              # phase offset + noise, wrapped
-    d = d[..., :1] + np.angle(np.exp(1j * (d - d[..., :1])))  # the offset is common to all echoes
-    total = fit_field(model + d, te, s.b0_tesla).field.astype(np.float32)
+    total = measured_field(s.phase, s.total_field, s.te, s.b0_tesla)
     m = s.mask
     return {"name": f"ivl{seed}", "chi": s.chi.astype(np.float32), "mask": m, "vs": VOXEL,
             "b0": tuple(float(b) for b in s.b0_dir), "magnitude": s.magnitude[..., 0].astype(np.float32),

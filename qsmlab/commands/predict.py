@@ -18,7 +18,8 @@ in the checkpoint), the field and mask are rotated into a frame where B0 matches
 chi is rotated back (a warning says so). A voxel size more than 25 % from the training one is resampled
 to it and back, with a warning, unless the checkpoint says voxel_resampling: never (the quick profiles
 with a TKD prior: they keep the scan's resolution) or --voxel-resampling overrides it. The B0 direction
-(voxel axes) is, by priority: --b0-dir, the field's JSON sidecar key "B0_dir", the field's affine. The voxel size comes from the header unless --voxel-size.
+(voxel axes) is, by priority: --b0-dir, the field's JSON sidecar key "B0_dir", the field's affine. The
+voxel size comes from the header unless --voxel-size.
 
 The output is float32 NIfTI with the field's affine and header, plus a JSON sidecar (same name, .json)
 recording the checkpoint, the method, B0_dir, the voxel size, the normalisation and the qsmlab version.

@@ -116,20 +116,18 @@ def vsharp_estimate(total: torch.Tensor, mask: torch.Tensor, voxel_size,
         grid = padded_grid(shape, v, radii[0])
         t = (total[i, 0] * torch.from_numpy(m).to(total.device)).float()
         spec_t = _rfft(t, grid)
+        largest = ball_spectrum(grid, v, radii[0], t.device)  # high-passes the centre, and is deconvolved
         hp = torch.zeros_like(t)
         done = np.zeros_like(m)
-        largest = None
         for r in radii:
             new = eroded(distance, r) & ~done
             if not new.any():
                 continue
-            spec = ball_spectrum(grid, v, r, t.device)
-            if largest is None:
-                largest = spec if r == radii[0] else ball_spectrum(grid, v, radii[0], t.device)
+            spec = largest if r == radii[0] else ball_spectrum(grid, v, r, t.device)
             sel = torch.from_numpy(new).to(t.device)
             hp = torch.where(sel, t - _irfft(spec_t * spec, grid, shape), hp)
             done |= new
-        if largest is None:  # no ball fits inside the mask
+        if not done.any():  # no ball fits inside the mask
             continue
         one_minus_s = 1.0 - largest
         inv = torch.where(one_minus_s.abs() >= threshold, 1.0 / torch.where(one_minus_s == 0, 1.0, one_minus_s),

@@ -104,12 +104,10 @@ class SphericalMean:
         """``(delta - S_r) * x``: zero for harmonic ``x`` where the ball fits inside its harmonic region."""
         return x - self.mean(x)
 
-    def erode(self, mask: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
-        """Voxels of ``mask`` whose whole ball lies in ``mask`` (binary erosion by the ball);
-        ``distance``: :func:`boundary_distance` of ``mask`` when the caller erodes by several radii."""
-        if distance is None:
-            distance = boundary_distance(mask, self.voxel_size)
-        return eroded(distance, self.radius_mm)
+    def erode(self, mask: np.ndarray) -> np.ndarray:
+        """Voxels of ``mask`` whose whole ball lies in ``mask`` (binary erosion by the ball; several radii:
+        :func:`boundary_distance` once, then :func:`eroded` per radius)."""
+        return eroded(boundary_distance(mask, self.voxel_size), self.radius_mm)
 
 
 def boundary_distance(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
