@@ -17,9 +17,12 @@ checkpoint, else the last), two ways:
   field is resampled to 2 mm, inverted, and chi resampled back to 1.06 mm;
 - ``native``: the network run on the 1.06 mm grid itself (its TKD prior and dipole operator at 1.06 mm).
 
-Writes ``OUT/invivo_like_methods.{md,json,png}``; asserts nothing.
+Other geometries: ``--voxel 0.5 0.5 2 --shape 320 320 64`` (anisotropic), ``--tilt 20`` (B0 off k: both
+routes then also rotate into the training B0 direction and back), ``--tag`` names the output files.
+Writes ``OUT/invivo_like_methods{tag}.{md,json,png}``; asserts nothing.
 
     python benchmarks/invivo_like_methods.py [--seeds 5] [--runs runs/compare_methods] [--methods qsmnet,uqsm_tv]
+                                             [--voxel X Y Z] [--shape X Y Z] [--tilt DEG] [--tag _tilt20]
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ VOXEL = (1.06, 1.06, 1.07)
 SHAPE = (160, 160, 160)
 
 
-def subject(seed: int) -> dict:
+def subject(seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) -> dict:
     from qsmlab.data.invivo_like import invivo_like_subject
 
-    s = invivo_like_subject(seed, voxel_size=VOXEL, tilt_deg=0.0, shape=SHAPE)
+    s = invivo_like_subject(seed, voxel_size=tuple(voxel), tilt_deg=float(tilt), shape=tuple(shape))
     total = measured_field(s.phase, s.total_field, s.te, s.b0_tesla)
     m = s.mask
-    return {"name": f"ivl{seed}", "chi": s.chi.astype(np.float32), "mask": m, "vs": VOXEL,
+    return {"name": f"ivl{seed}", "chi": s.chi.astype(np.float32), "mask": m, "vs": tuple(voxel),
             "b0": tuple(float(b) for b in s.b0_dir), "magnitude": s.magnitude[..., 0].astype(np.float32),
             "total": total * m, "local": (total - s.background_field) * m,
             "noise_ppm": float(np.std((total - s.total_field)[m]))}
@@ -88,11 +91,15 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(LEARNED))
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--voxel", type=float, nargs=3, default=VOXEL, metavar=("X", "Y", "Z"), help="mm")
+    ap.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("X", "Y", "Z"))
+    ap.add_argument("--tilt", type=float, default=0.0, help="head pitch about i (deg): b0_dir = (0, sin, cos)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (invivo_like_methods<tag>.md)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    subs = [subject(int(x)) for x in a.seeds.split(",") if x]
+    subs = [subject(int(x), a.voxel, a.shape, a.tilt) for x in a.seeds.split(",") if x]
     print(f"subjects {[s['name'] for s in subs]}: field noise {np.mean([s['noise_ppm'] for s in subs]):.4f} ppm, "
           f"local p1/p99 {np.percentile(subs[0]['local'][subs[0]['mask']], [1, 99]).round(3).tolist()} ppm "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -121,8 +128,8 @@ def main() -> None:
             add(name, "native" if native else "resampled", outs, time.perf_counter() - t1)
 
     cols = ("method", "route") + KEYS + ("seconds",)
-    lines = [f"# Quick profiles on in-vivo-like scans shaped like the target ({'x'.join(map(str, SHAPE))} at "
-             f"{' x '.join(map(str, VOXEL))} mm, B0 along k)", "",
+    lines = [f"# Quick profiles on in-vivo-like scans ({'x'.join(map(str, a.shape))} at "
+             f"{' x '.join(map(str, a.voxel))} mm, B0 tilted {a.tilt:g} deg from k)", "",
              f"Subjects {', '.join(s['name'] for s in subs)} (qsmlab.data.invivo_like, SNR 60, 5 echoes to 24 ms); "
              f"measured local field (echo fit, true background removed; noise "
              f"{np.mean([s['noise_ppm'] for s in subs]):.4f} ppm); metrics inside the mask; NRMSE, HFEN in %, "
@@ -134,8 +141,8 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "invivo_like_methods.md").write_text(text + "\n")
-    (a.out / "invivo_like_methods.json").write_text(json.dumps({"rows": rows, "seeds": a.seeds}, indent=2))
+    (a.out / f"invivo_like_methods{a.tag}.md").write_text(text + "\n")
+    (a.out / f"invivo_like_methods{a.tag}.json").write_text(json.dumps({"rows": rows, "seeds": a.seeds}, indent=2))
     s = subs[0]
     k = int(np.argmax(s["mask"].sum(axis=(0, 1))))
     panels = [("truth", s["chi"])] + list(maps.items())
@@ -149,8 +156,8 @@ def main() -> None:
         ax.set_title(label, fontsize=8)
     fig.suptitle(f"{s['name']}: axial slice {k}, chi in ppm (window -0.1 .. 0.2)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(a.out / "invivo_like_methods.png", dpi=90)
-    print(f"wrote {a.out / 'invivo_like_methods.md'}, .json, .png ({time.perf_counter() - t0:.0f} s)")
+    fig.savefig(a.out / f"invivo_like_methods{a.tag}.png", dpi=90)
+    print(f"wrote {a.out / f'invivo_like_methods{a.tag}.md'}, .json, .png ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
