@@ -18,7 +18,7 @@ STUDY ?= $(EXP)
 STORAGE ?=
 PORT ?= 8080
 
-.PHONY: venv test test-all lint bench sweep fit loocv compare dashboard clean help
+.PHONY: venv lock test-latest test test-all lint bench sweep fit loocv compare dashboard clean help
 
 help:
 	@echo "make sweep EXP=uqsm_tv   Optuna study of sweeps/EXP.yaml (W&B run per trial, report in runs/EXP/)"
@@ -26,19 +26,41 @@ help:
 	@echo "make loocv EXP=uqsm_tv MANIFEST=m.csv   leave-one-subject-out batch with TKD/TV baselines"
 	@echo "make compare [RUNS='runs/a runs/b'] [REPORT=dir]   tables and figures from the CSV logs"
 	@echo "make dashboard [STUDY=uqsm_tv] [STORAGE=url]        optuna-dashboard on localhost:$(PORT)"
-	@echo "make test                fast test suite (creates .venv if missing)"
+	@echo "make test                fast test suite (creates .venv from requirements/lock.txt if missing)"
+	@echo "make lock                regenerate requirements/lock.txt (pip-tools, hashes)"
+	@echo "make test-latest         fast suite in a throw-away venv of the newest releases (drift check)"
 	@echo "make test-all            every test, slow ones included"
 	@echo "make lint                ruff"
 	@echo "make bench               benchmarks/*.py (print ratios and medians)"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs come from the committed lock (requirements/lock.txt, hashes checked), so a fresh machine gets
+# the versions the tests were run with. torch in the lock is the CPU wheel 2.13.0+cpu (found through the
+# machine's pip find-links, or https://download.pytorch.org/whl/cpu elsewhere). The project itself is
+# installed without build isolation so its build backend comes from the lock too.
+$(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --require-hashes -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Regenerate the lock from pyproject.toml's ranges and requirements/pins.in (pip-tools in a throw-away venv).
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q pip-tools
+	.lockenv/bin/pip-compile -q --upgrade --extra dev --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links -o requirements/lock.txt pyproject.toml requirements/pins.in
+	rm -rf .lockenv
+
+# Not in CI: a throw-away venv from the newest releases the pyproject ranges allow (torch stays the local
+# CPU wheel), running the fast suite, so dependency drift is seen before a lock update meets it.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q torch==2.13.0
+	.venv-latest/bin/pip install -q --upgrade -e ".[dev]"
+	.venv-latest/bin/pip freeze | grep -iE '^(numpy|scipy|lightning|torchio|monai|optuna|wandb|nibabel|jsonargparse)=='
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; rm -rf .venv-latest; exit $$rc
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from qsmlab.data.collate import collate_subjects
 from qsmlab.data.folds import get_fold, read_folds
 from qsmlab.data.manifest import ManifestTable, Row, load_manifest
-from qsmlab.data.sampling import SubjectShardSampler, reseed_for_rank, world_and_rank
+from qsmlab.data.sampling import SubjectShardSampler, destroy_process_group_at_exit, reseed_for_rank, world_and_rank
 from qsmlab.data.subjects import subjects_from_rows
 from qsmlab.data.transforms import build_augmentation
 from qsmlab.errors import QSMInputError
@@ -120,6 +120,7 @@ class QSMDataModule(L.LightningDataModule):
 
     # -- splits ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        destroy_process_group_at_exit()  # in each DDP process: see its docstring
         if self.table is not None:
             return
         self.table = load_manifest(self.manifest)
