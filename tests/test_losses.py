@@ -26,9 +26,8 @@ from qsmlab.losses import (
     Term,
     TVLoss,
     magnitude_weight,
-    physics_for_batch,
 )
-from qsmlab.physics import DipoleOperator, normalize_b0_dir, phase_scale
+from qsmlab.physics import DipoleOperator, normalize_b0_dir, phase_scale, physics_for_batch
 
 OBLIQUE = normalize_b0_dir((0.35, -0.45, 0.82))  # every component non-zero: flips matter
 VS = (1.0, 1.1, 1.3)

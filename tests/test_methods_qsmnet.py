@@ -12,8 +12,8 @@ from qsmlab.data.collate import collate_subjects
 from qsmlab.data.manifest import load_manifest
 from qsmlab.data.subjects import row_to_subject
 from qsmlab.errors import QSMInputError
-from qsmlab.losses import physics_for_batch
 from qsmlab.methods import QSMnet, QSMnetPlus, load_method
+from qsmlab.physics import physics_for_batch
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def test_uqsm_learns_from_physics_alone(tiny_manifest):
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        from qsmlab.losses import physics_for_batch
+        from qsmlab.physics import physics_for_batch
 
         pred = m._mask_outputs(m.infer_images(m._images_of(batch), windows=False), batch.mask)
         total, parts = m.loss_fn(pred, batch, physics_for_batch(batch))

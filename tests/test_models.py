@@ -14,7 +14,7 @@ from qsmlab.errors import QSMInputError
 from qsmlab.models import (
     BackgroundUNet,
     BrainMaskUNETR,
-    NeXtQSMNet,
+    NeXtQSMChain,
     PedQNetRecon,
     QSMnetUNet,
     SubcorticalUNETR,
@@ -72,7 +72,7 @@ def test_size_multiples_follow_depth():
     assert QSMnetUNet().size_multiple == 16
     assert PedQNetRecon().size_multiple == 8 and PedQNetRecon(filters=(8, 16, 32, 64, 128)).size_multiple == 16
     assert VariationalNet(depth=3).size_multiple == 8
-    assert NeXtQSMNet(bg={"depth": 2}, varnet={"depth": 3}).size_multiple == 8
+    assert NeXtQSMChain(bg={"depth": 2}, varnet={"depth": 3}).size_multiple == 8
 
 
 def test_unetr_fixed_size_and_classes():
@@ -98,8 +98,8 @@ def test_bad_options_name_the_option():
         UQSMNet(norm="group")
     with pytest.raises(QSMInputError, match="init_step must be > 0"):
         VariationalNet(init_step=0.0)
-    with pytest.raises(QSMInputError, match="bg must keep in_channels=2"):
-        NeXtQSMNet(bg={"in_channels": 3})
+    with pytest.raises(QSMInputError, match="bg must keep out_channels=1"):
+        NeXtQSMChain(bg={"out_channels": 2})
     with pytest.raises(QSMInputError, match="filters must list at least 3 levels"):
         PedQNetRecon(filters=(8, 16))
 
@@ -134,7 +134,7 @@ def test_parameter_counts(capsys):
     assert count_parameters(varnet) == _unet_parameter_count(3, 1, 8, 2, 3, 1, 0, "nearest", 1) + 5
     varnet = VariationalNet(steps=3, width=4, depth=3, convs_per_level=2)
     assert count_parameters(varnet) == _unet_parameter_count(3, 1, 4, 3, 3, 2, 0, "nearest", 1) + 3
-    net = NeXtQSMNet()
+    net = NeXtQSMChain()
     assert count_parameters(net) == count_parameters(net.background) + count_parameters(net.varnet)
     table = summary(num_classes=6)
     with capsys.disabled():
@@ -332,7 +332,7 @@ def test_varnet_per_sample_geometry_matches_single_runs():
 def test_nextqsm_outputs_masked_local_field_and_chi():
     op, _, field, mask = _geometry_case(n=16)
     torch.manual_seed(0)
-    net = NeXtQSMNet(bg={"width": 4, "depth": 2}, varnet={"steps": 2, "width": 4, "depth": 1}).double().eval()
+    net = NeXtQSMChain(bg={"width": 4, "depth": 2}, varnet={"steps": 2, "width": 4, "depth": 1}).double().eval()
     assert net.size_multiple == 4
     total = field + 0.3  # a constant background offset
     with torch.inference_mode():

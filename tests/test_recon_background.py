@@ -39,10 +39,10 @@ from scipy import ndimage
 from qsmlab.errors import QSMInputError
 from qsmlab.physics import DipoleOperator, tilted_b0_dir
 from qsmlab.recon import registry
-from qsmlab.recon.background._spherical import SphericalMean, sphere_offsets
 from qsmlab.recon.background.lbv import lbv
 from qsmlab.recon.background.pdf import pdf
 from qsmlab.recon.background.sharp import sharp, vsharp
+from qsmlab.recon.background.spherical import SphericalMean, sphere_offsets
 from qsmlab.recon.iterate import monitored_cg
 
 METHODS = ["sharp", "vsharp", "resharp", "pdf", "lbv"]

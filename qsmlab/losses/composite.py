@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qsmlab.losses._common import _get
-from qsmlab.losses.physics import physics_for_batch
+from qsmlab.physics.batch import physics_for_batch
 
 
 @dataclass
@@ -46,7 +46,7 @@ class CompositeLoss(nn.Module):
             :class:`Term`. Names must be identifiers (they become ``lambda_<name>`` and ``loss_<name>``).
 
     ``forward(pred, batch, physics=None) -> (total, parts)``. ``physics`` is passed to every term; when
-    None it is built once with :func:`~qsmlab.losses.physics.physics_for_batch` (default padding) when
+    None it is built once with :func:`~qsmlab.physics.physics_for_batch` (default padding) when
     the batch has ``b0_dir`` and ``voxel_size``. Weights: ``self.weights`` (a dict name -> float) or ``lambda_<name>``
     attributes; :meth:`set_weights` sets several at once.
     """
@@ -70,11 +70,6 @@ class CompositeLoss(nn.Module):
                 raise TypeError(f"CompositeLoss: term {t.name!r} must be an nn.Module, got {type(t.loss).__name__}")
         self.terms = nn.ModuleDict({t.name: t.loss for t in items})
         self.weights: dict[str, float] = {t.name: _check_weight(t.name, t.weight) for t in items}
-
-    @classmethod
-    def build(cls, terms: Mapping[str, tuple[nn.Module, float]] | Iterable[Term]) -> CompositeLoss:
-        """Same as the constructor; reads well in method code: ``CompositeLoss.build({...})``."""
-        return cls(terms)
 
     # -- weights by name -----------------------------------------------------------------------------
     def _term_of(self, key: str) -> str:

@@ -41,7 +41,7 @@ from qsmlab.losses._common import (
     select,
     target_tensor,
 )
-from qsmlab.losses.physics import physics_for_batch
+from qsmlab.physics.batch import physics_for_batch
 
 KINDS = ("linear", "weighted", "nonlinear")
 

@@ -48,13 +48,6 @@ def _import(class_path: str) -> type:
     return cls
 
 
-def get_method(name: str) -> type[QSMMethod]:
-    """The class registered as ``name``; an unknown name fails listing the known ones."""
-    if name not in METHODS:
-        raise QSMInputError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
-    return _import(METHODS[name])
-
-
 def read_checkpoint_info(path: str | Path, what: str = "--ckpt") -> dict:
     """The ``"qsmlab"`` entry of a checkpoint (method, class_path, statistics), without building the model.
 
@@ -105,5 +98,5 @@ def load_method(path: str | Path, method: str | None = None, map_location: str =
 __all__ = [
     "METHODS", "BrainMaskNet", "NeXtQSM", "NeXtQSMLoss", "PedQNet", "PedQNetLoss", "QSMMethod", "QSMnet",
     "QSMnetLoss", "QSMnetPlus", "QSMnetPlusLoss", "UQSM", "UQSMDIP", "UQSMLoss",
-    "get_method", "load_method", "method_names", "read_checkpoint_info",
+    "load_method", "method_names", "read_checkpoint_info",
 ]

@@ -9,7 +9,7 @@ Why not call the recon functions: they are float64 numpy on the CPU, built for o
 reconstruction. Here they run on every training batch and inside ``qsmlab predict``: the numpy V-SHARP
 took 11 s of the NeXtQSM quick profile's 18.6 s inference at 160^3 (2 threads; 5 s after its erosions
 shared one distance transform), and on a GPU it would copy every volume to the host. This version keeps
-the recon's building blocks (the discrete ball of :func:`qsmlab.recon.background._spherical.sphere_offsets`,
+the recon's building blocks (the discrete ball of :func:`qsmlab.recon.background.spherical.sphere_offsets`,
 its padded FFT grid, the erosion by one distance transform) and does the filtering with ``torch.fft``
 in float32, one ball spectrum at a time (no cache of twelve padded spectra: at 256^3 those are 1 GB).
 The erosion stays a scipy distance transform of the (small, boolean) mask on the CPU.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from qsmlab.recon.background._spherical import boundary_distance, eroded, padded_grid, sphere_offsets
+from qsmlab.recon.background.spherical import boundary_distance, eroded, padded_grid, sphere_offsets
 
 #: V-SHARP's default radii (mm), as :func:`qsmlab.recon.background.sharp.vsharp`.
 VSHARP_RADII_MM = (12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)

@@ -58,10 +58,10 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from qsmlab.errors import QSMInputError
-from qsmlab.losses import physics_for_batch
 from qsmlab.methods.inference import crop, make_frame, pad_to_multiple
 from qsmlab.methods.statistics import robust_std, training_statistics
 from qsmlab.metrics import TORCH_METRICS, VolumeMetrics
+from qsmlab.physics import physics_for_batch
 
 SCHEDULERS = ("cosine", "step", "exponential", "none")
 PRIORS = ("none", "tkd")

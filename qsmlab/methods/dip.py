@@ -28,9 +28,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qsmlab.errors import QSMInputError
-from qsmlab.losses import physics_for_batch
 from qsmlab.methods.statistics import field_scale_of
 from qsmlab.methods.uqsm import UQSM, UQSMLoss
+from qsmlab.physics import physics_for_batch
 
 TOL_WINDOW = 10
 

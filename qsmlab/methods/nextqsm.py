@@ -61,15 +61,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from qsmlab.errors import QSMInputError
-from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss, physics_for_batch
+from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss
 from qsmlab.methods.background_inputs import harmonic_residual, smv_kernel, vsharp_estimate  # noqa: F401 (API)
 from qsmlab.methods.base import QSMMethod, as_dataclass
 from qsmlab.methods.statistics import masked_sample, robust_std
 from qsmlab.metrics import VolumeMetrics
-from qsmlab.models import BackgroundUNet, VariationalNet
+from qsmlab.models import NeXtQSMChain
+from qsmlab.physics import physics_for_batch
 
 MODES = ("total", "local", "background")
 BACKGROUND_INITS = ("none", "vsharp")
@@ -112,18 +112,6 @@ def build_nextqsm_loss(cfg: NeXtQSMLoss) -> CompositeLoss:
         "chi_local": (ChiLoss(norm=cfg.chi_norm, output="chi_local"), cfg.lambda_chi_local),
         "dc": (DataConsistencyLoss(kind="linear", norm="l2", output="chi", target="field"), cfg.lambda_dc),
     })
-
-
-class NeXtQSMChain(nn.Module):
-    """:class:`BackgroundUNet` (``bg_channels`` inputs) then :class:`VariationalNet`; the method calls the
-    two parts itself (inputs, teacher forcing, background-only inference), so there is no ``forward``."""
-
-    fixed_input_size = None
-
-    def __init__(self, background: BackgroundUNet, varnet: VariationalNet):
-        super().__init__()
-        self.background, self.varnet = background, varnet
-        self.size_multiple = math.lcm(background.size_multiple, varnet.size_multiple)
 
 
 def _sample(batch, i: int):
@@ -219,13 +207,10 @@ class NeXtQSM(QSMMethod):
         self.harmonic_input, self.smv_radius_mm = bool(harmonic_input), float(smv_radius_mm)
         self.background_init = background_init
         self.net = NeXtQSMChain(
-            BackgroundUNet(in_channels=2 + self.harmonic_input + (background_init != "none"), width=bg_width,
-                           depth=bg_depth),
-            VariationalNet(steps=steps, width=reg_width, depth=reg_depth, init_step=init_step,
-                           checkpointing=checkpointing, init=varnet_init, init_threshold=varnet_init_threshold))
-        if background_init != "none":  # start as the classical estimate: the net adds a correction
-            nn.init.zeros_(self.net.background.head.weight)
-            nn.init.zeros_(self.net.background.head.bias)
+            bg=dict(in_channels=2 + self.harmonic_input + (background_init != "none"), width=bg_width, depth=bg_depth),
+            varnet=dict(steps=steps, width=reg_width, depth=reg_depth, init_step=init_step, checkpointing=checkpointing,
+                        init=varnet_init, init_threshold=varnet_init_threshold),
+            residual=background_init != "none")
         self._channels: list[str] = []
         self.loss_fn = build_nextqsm_loss(self.loss_config)
         self.register_buffer("total_field_scale",

@@ -5,7 +5,7 @@ Every model has ``size_multiple`` (input spatial dims must be multiples of it) a
 method pads, crops or tiles, and a wrong shape raises a ``ValueError`` naming the shape and the multiple.
 
 - :class:`UQSMNet` (uQSM), :class:`QSMnetUNet` (QSMnet/QSMnet+),
-- :class:`BackgroundUNet`, :class:`VariationalNet`, :class:`NeXtQSMNet` (NeXtQSM),
+- :class:`BackgroundUNet`, :class:`VariationalNet`, :class:`NeXtQSMChain` (NeXtQSM),
 - :class:`PedQNetRecon`, :class:`SubcorticalUNETR`, :class:`BrainMaskUNETR` (PedQ-NET),
 - :class:`UNet3d`, the configurable U-Net under the first three.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qsmlab.models.nextqsm import BackgroundUNet, NeXtQSMNet, VariationalNet
+from qsmlab.models.nextqsm import BackgroundUNet, NeXtQSMChain, VariationalNet
 from qsmlab.models.pedqnet import BrainMaskUNETR, PedQNetRecon, SubcorticalUNETR
 from qsmlab.models.qsmnet_unet import QSMnetUNet
 from qsmlab.models.unet import UNet3d
@@ -33,7 +33,7 @@ def default_models(num_classes: int = 8) -> dict[str, nn.Module]:
         "QSMnetUNet": QSMnetUNet(),
         "BackgroundUNet": BackgroundUNet(),
         "VariationalNet": VariationalNet(),
-        "NeXtQSMNet": NeXtQSMNet(),
+        "NeXtQSMChain": NeXtQSMChain(),
         "PedQNetRecon": PedQNetRecon(),
         f"SubcorticalUNETR({num_classes})": SubcorticalUNETR(num_classes),
         "BrainMaskUNETR": BrainMaskUNETR(),
@@ -54,6 +54,6 @@ def summary(num_classes: int = 8) -> str:
 
 
 __all__ = [
-    "BackgroundUNet", "BrainMaskUNETR", "NeXtQSMNet", "PedQNetRecon", "QSMnetUNet", "SubcorticalUNETR",
+    "BackgroundUNet", "BrainMaskUNETR", "NeXtQSMChain", "PedQNetRecon", "QSMnetUNet", "SubcorticalUNETR",
     "UNet3d", "UQSMNet", "VariationalNet", "count_parameters", "default_models", "summary",
 ]

@@ -23,7 +23,7 @@ variational network for the dipole inversion, trained end to end.
   plus K masked data-consistency steps (36.6 -> 36.0 % after three steps of 1.0 on anat004) and training
   only has to remove TKD's streaks and its underestimation at the cone. ``A†`` is linear and
   differentiable, so a background net upstream still trains end to end through it.
-- :class:`NeXtQSMNet`: both, ``forward(total_field, mask, physics) -> {"local_field", "chi"}``.
+- :class:`NeXtQSMChain`: both, ``forward(inputs, mask, physics) -> {"local_field", "chi"}``.
 
 Units: f, χ in ppm (or both divided by the same scale: the data term is linear, so a common
 normalisation of field and χ leaves the steps consistent).
@@ -130,34 +130,53 @@ class VariationalNet(nn.Module):
         return chi
 
 
-class NeXtQSMNet(nn.Module):
-    """Background U-Net chained into the variational network, trained end to end.
+class NeXtQSMChain(nn.Module):
+    """NeXtQSM's network: :class:`BackgroundUNet` chained into :class:`VariationalNet`, trained end to end.
 
     Args:
-        bg: keyword arguments of :class:`BackgroundUNet` (``None``: its defaults).
+        bg: keyword arguments of :class:`BackgroundUNet` (``None``: its defaults); ``in_channels`` counts
+            the background inputs and the mask.
         varnet: keyword arguments of :class:`VariationalNet` (``None``: its defaults).
+        residual: the background net adds a correction to its last input channel (a classical estimate of
+            the local field, e.g. V-SHARP) instead of predicting the local field; its output layer starts
+            at zero, so the untrained chain starts from that estimate.
 
-    ``forward(total_field [B,1,X,Y,Z], mask [B,1,X,Y,Z], physics)`` ->
-    ``{"local_field": M·BackgroundUNet(total, M), "chi": VariationalNet(local_field, M, physics)}``.
+    ``forward(inputs [B,C,X,Y,Z], mask [B,1,X,Y,Z], physics, true_local=None)`` ->
+    ``{"local_field": M·(BackgroundUNet([inputs, M]) [+ inputs[:, -1]]), "chi": VariationalNet(local_field, M,
+    physics)}``, plus ``"chi_local"``: the variational network on ``true_local`` when given (teacher forcing).
     """
 
     fixed_input_size = None
 
-    def __init__(self, bg: dict | None = None, varnet: dict | None = None):
+    def __init__(self, bg: dict | None = None, varnet: dict | None = None, residual: bool = False):
         super().__init__()
         self.background = BackgroundUNet(**(bg or {}))
-        if self.background.in_channels != 2 or self.background.out_channels != 1:
-            raise QSMInputError("NeXtQSMNet: bg must keep in_channels=2 (total field, mask) and "
-                                f"out_channels=1; got {self.background.in_channels}, "
+        if self.background.out_channels != 1:
+            raise QSMInputError("NeXtQSMChain: bg must keep out_channels=1 (the local field); got "
                                 f"{self.background.out_channels}")
         self.varnet = VariationalNet(**(varnet or {}))
+        self.residual = bool(residual)
+        if self.residual:  # start as the classical estimate: the net adds a correction
+            nn.init.zeros_(self.background.head.weight)
+            nn.init.zeros_(self.background.head.bias)
         self.size_multiple = math.lcm(self.background.size_multiple, self.varnet.size_multiple)
 
-    def forward(self, total_field: torch.Tensor, mask: torch.Tensor, physics) -> dict[str, torch.Tensor]:
-        check_input(self, total_field, 1, "total_field")
-        if tuple(mask.shape) != tuple(total_field.shape):
-            raise QSMInputError(f"NeXtQSMNet: mask shape {tuple(mask.shape)} must equal the total "
-                                f"field's {tuple(total_field.shape)}")
-        mask = mask.to(total_field.dtype)
-        local = self.background(torch.cat([total_field, mask], dim=1)) * mask
-        return {"local_field": local, "chi": self.varnet(local, mask, physics)}
+    def local_field(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The background net's local field (masked), same units as the inputs' last channel when residual."""
+        if tuple(mask.shape[-3:]) != tuple(inputs.shape[-3:]) or mask.shape[1] != 1:
+            raise QSMInputError(f"NeXtQSMChain: mask shape {tuple(mask.shape)} must be [B, 1] + the inputs' grid "
+                                f"{tuple(inputs.shape[-3:])}")
+        mask = mask.to(inputs.dtype)
+        local = self.background(torch.cat([inputs, mask], dim=1))
+        if self.residual:
+            local = local + inputs[:, -1:]
+        return local * mask
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor, physics,
+                true_local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        local = self.local_field(inputs, mask)
+        mask = mask.to(local.dtype)
+        out = {"local_field": local, "chi": self.varnet(local, mask, physics)}
+        if true_local is not None:
+            out["chi_local"] = self.varnet(true_local, mask, physics)
+        return out

@@ -3,6 +3,7 @@
 Imports nothing from Lightning or the data layer.
 """
 
+from qsmlab.physics.batch import physics_for_batch
 from qsmlab.physics.geometry import (
     b0_dir_from_affine,
     b0_dir_from_sidecar,
@@ -27,7 +28,7 @@ from qsmlab.physics.units import (
 )
 
 __all__ = [
-    "DipoleOperator", "dipole_field", "dipole_kernel", "kspace_coords", "padded_shape",
+    "DipoleOperator", "dipole_field", "physics_for_batch", "dipole_kernel", "kspace_coords", "padded_shape",
     "b0_dir_from_affine", "b0_dir_from_sidecar", "normalize_b0_dir", "resolve_b0_dir",
     "rotation_matrix", "tilted_b0_dir", "voxel_size_from_affine",
     "GAMMA_BAR_MHZ_PER_T", "hz_per_ppm", "hz_to_ppm", "hz_to_rad", "phase_scale", "ppm_to_hz",

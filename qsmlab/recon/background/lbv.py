@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from scipy import ndimage
 
 from qsmlab.errors import QSMInputError
-from qsmlab.recon.background._spherical import check_inputs
+from qsmlab.recon.background.spherical import check_inputs
 from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
 

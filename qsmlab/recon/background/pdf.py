@@ -21,7 +21,7 @@ import numpy as np
 
 from qsmlab.errors import QSMInputError
 from qsmlab.physics import DipoleOperator, normalize_b0_dir
-from qsmlab.recon.background._spherical import check_inputs
+from qsmlab.recon.background.spherical import check_inputs
 from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
 

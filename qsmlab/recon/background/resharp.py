@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmlab.errors import QSMInputError
-from qsmlab.recon.background._spherical import SphericalMean, check_inputs, demean
+from qsmlab.recon.background.spherical import SphericalMean, check_inputs, demean
 from qsmlab.recon.iterate import monitored_cg
 from qsmlab.recon.registry import register
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmlab.errors import QSMInputError
-from qsmlab.recon.background._spherical import (
+from qsmlab.recon.background.spherical import (
     SphericalMean,
     _smv_spectrum,
     boundary_distance,

@@ -1,19 +1,25 @@
-"""The one place that builds the dipole operator from a batch's geometry."""
+"""The one place that builds the dipole operator from a batch's geometry (a dataclass batch or a mapping)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from qsmlab.losses._common import _require
-from qsmlab.physics import DipoleOperator
+from qsmlab.physics.operator import DipoleOperator
 
 
 def _rows(t) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
+    if hasattr(t, "detach"):  # a torch tensor (no torch import: the numpy physics must not need it)
         t = t.detach().cpu().numpy()
     a = np.asarray(t, dtype=np.float64)
     return a[None] if a.ndim == 1 else a
+
+
+def _entry(batch, name: str):
+    """``batch[name]`` or ``batch.name``; a one-line error naming the entry when it is absent."""
+    value = batch.get(name) if hasattr(batch, "get") else getattr(batch, name, None)
+    if value is None:
+        raise ValueError(f"physics_for_batch needs the batch entry {name!r}, which this batch does not have")
+    return value
 
 
 def physics_for_batch(batch, pad_factor: float = 2.0, kind: str = "continuous") -> DipoleOperator:
@@ -28,8 +34,8 @@ def physics_for_batch(batch, pad_factor: float = 2.0, kind: str = "continuous") 
         pad_factor: zero-padding factor per axis (1 = periodic, 2 = the default linear convolution).
         kind: ``"continuous"`` or ``"discrete"`` kernel (see :mod:`qsmlab.physics.kernel`).
     """
-    b0 = _rows(_require(batch, "b0_dir", "physics_for_batch"))
-    vs = _rows(_require(batch, "voxel_size", "physics_for_batch"))
+    b0 = _rows(_entry(batch, "b0_dir"))
+    vs = _rows(_entry(batch, "voxel_size"))
     if len(b0) > 1 and np.all(b0 == b0[:1]):
         b0 = b0[:1]
     if len(vs) > 1 and np.all(vs == vs[:1]):
