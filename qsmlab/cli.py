@@ -17,7 +17,7 @@ import sys
 from qsmlab import __version__
 from qsmlab.errors import QSMInputError
 
-COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "manifest",
+COMMANDS = ("evaluate", "recon", "pipeline", "simulate", "bids", "manifest",
             "fit", "validate", "test", "predict", "dip", "sweep", "loocv", "compare")
 
 

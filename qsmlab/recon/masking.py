@@ -10,7 +10,19 @@ brain where the skull is thin or absent (the neck under the brainstem), so compo
 an erosion by ``separate_mm`` and grown back by the same amount inside the thresholded image (a
 geodesic reconstruction limited to that distance): on the embedded synthetic heads this raises the Dice
 with the true brain mask from 0.68-0.78 to 0.85-0.89. Erosion, in voxels or mm, trims the unreliable rim.
-For in-vivo data a dedicated brain extraction (e.g. FSL BET) given as ``--mask`` remains better.
+
+R2* step (when an R2* map is given, as the pipeline does with three echoes or more): the thresholded
+magnitude of a real head keeps the soft tissue that touches the brain (meninges, the neck under the
+brainstem, muscle) because no dark skull separates it; a mask that reaches into it puts background
+sources at the mask's edge, and background removal then fails there (on simulated heads with scalp and
+skull the chi error inside the brain went from 46 % to 187 % with such a mask). Brain tissue at its
+surface (cortex, CSF) has R2* ~ 15-25 /s at 3 T, extra-cerebral soft tissue and tissue next to air or
+bone more (Yablonskiy et al., MRM 2013; Li et al., NeuroImage 2011), so voxels above ``r2star_max``
+(default 30 /s at 3 T, scaled linearly with B0) are dropped, the largest component kept and holes filled
+again (deep grey matter nuclei, R2* up to 50 /s, lie inside the brain and come back with the holes).
+This is the magnitude + R2* two-pass masking that QSM tools use (e.g. QSMxT's threshold masks with
+hole filling). For in-vivo data a dedicated brain extraction (e.g. FSL BET) given as ``--mask`` remains
+the safer choice.
 """
 
 from __future__ import annotations
@@ -39,6 +51,38 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
+R2STAR_MAX_3T = 30.0
+"""1/s at 3 T: above the cortex and CSF (15-25 /s), below extra-cerebral soft tissue next to the brain."""
+
+
+def r2star_map(magnitude: np.ndarray, te: Sequence[float]) -> np.ndarray:
+    """R2* (1/s, (X, Y, Z)) by a magnitude^2-weighted log-linear fit over TE (nan without signal).
+
+    ``ln m_e = ln S0 - TE_e R2*``; weights ``m_e^2`` (the variance of ``ln m`` is ``sigma^2 / m^2``).
+    ``magnitude``: (X, Y, Z, E); ``te``: E echo times in s.
+    """
+    m = np.abs(np.asarray(magnitude, dtype=np.float64))
+    t = np.asarray(te, dtype=np.float64).reshape(-1)
+    if m.ndim != 4 or m.shape[3] != t.size or t.size < 2:
+        raise QSMInputError(f"r2star_map: expected (X, Y, Z, E) with E = {t.size} >= 2 echoes, got {m.shape}")
+    w = m**2
+    sw = w.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logm = np.log(np.maximum(m, 1e-30))
+        tw = (w * t).sum(-1) / sw
+        lw = (w * logm).sum(-1) / sw
+        num = (w * (t - tw[..., None]) * (logm - lw[..., None])).sum(-1)
+        den = (w * (t - tw[..., None]) ** 2).sum(-1)
+        r2 = -num / den
+    r2[~(sw > 0)] = np.nan
+    return r2
+
+
+def _largest(m: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(m)
+    return lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1) if n > 1 else m
+
+
 def _ball(radius_vox: Sequence[float]) -> np.ndarray:
     r = [max(int(np.ceil(x)), 0) for x in radius_vox]
     g = np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij")
@@ -57,6 +101,9 @@ def brain_mask(
     separate_mm: float = 6.0,
     erode_vox: int = 0,
     erode_mm: float | None = None,
+    r2star: np.ndarray | None = None,
+    r2star_max: float | None = None,
+    b0_tesla: float = 3.0,
 ) -> np.ndarray:
     """Binary brain mask from a magnitude image.
 
@@ -72,6 +119,9 @@ def brain_mask(
             thresholded image; 0 disables it (default 6 mm).
         erode_vox: final erosion in voxels (default 0).
         erode_mm: final erosion in mm, an ellipsoidal element (overrides ``erode_vox`` when given).
+        r2star: optional R2* map (1/s, (X, Y, Z), e.g. :func:`r2star_map`): enables the R2* step.
+        r2star_max: R2* above which a voxel is not brain (1/s); None = ``R2STAR_MAX_3T * b0_tesla / 3``.
+        b0_tesla: field strength (T), scales the default ``r2star_max``.
     Returns:
         Boolean mask (X, Y, Z).
     """
@@ -111,6 +161,20 @@ def brain_mask(
         m = ndimage.binary_closing(np.pad(m, p), iterations=closing)[p:-p, p:-p, p:-p]
     if fill_holes:
         m = ndimage.binary_fill_holes(m)
+    if r2star is not None:
+        r2 = np.asarray(r2star, dtype=np.float64)
+        if r2.shape != m.shape:
+            raise QSMInputError(f"brain_mask: r2star shape {r2.shape} differs from the magnitude's {m.shape}")
+        limit = float(r2star_max) if r2star_max is not None else R2STAR_MAX_3T * float(b0_tesla) / 3.0
+        kept = m & ~(r2 > limit)  # nan (no signal) stays: the magnitude already decided there
+        if opening > 0:
+            kept = ndimage.binary_opening(kept, iterations=opening)
+        if kept.any():
+            m = _largest(kept) if largest_component else kept
+            if closing > 0:
+                p = closing + 1
+                m = ndimage.binary_closing(np.pad(m, p), iterations=closing)[p:-p, p:-p, p:-p]
+            m = ndimage.binary_fill_holes(m) if fill_holes else m
     if erode_mm is not None and erode_mm > 0:
         m = ndimage.binary_erosion(m, structure=_ball([erode_mm / float(h) for h in voxel_size]))
     elif erode_vox > 0:

@@ -3,7 +3,7 @@
 Steps (each recorded with its method and effective parameters in ``provenance``):
 
 1. **mask**: the given brain mask, or :func:`qsmlab.recon.masking.brain_mask` of the RSS-combined
-   magnitude. It comes first because it only needs the magnitude and the unwrapper grows inside it.
+   magnitude, refined by R2* (:func:`qsmlab.recon.masking.r2star_map`) with three echoes or more. It comes first because it only needs the magnitude and the unwrapper grows inside it.
 2. **unwrap**: spatial unwrapper from the registry (``"region"`` default, or ``"laplacian"``) on the
    offset-free echo difference, then temporal unwrapping of every echo
    (:func:`qsmlab.recon.unwrap.unwrap_echoes`).
@@ -35,7 +35,7 @@ from qsmlab.physics import units
 from qsmlab.physics.geometry import normalize_b0_dir
 from qsmlab.recon import registry
 from qsmlab.recon.echo_fit import combine_magnitude, correct_cycle_slips, cycle_ppm, fit_field
-from qsmlab.recon.masking import brain_mask
+from qsmlab.recon.masking import brain_mask, r2star_map
 from qsmlab.recon.unwrap import unwrap_echoes
 
 DEFAULT_UNWRAP = "region"
@@ -186,11 +186,14 @@ def run_pipeline(
         bar.set_postfix_str("mask")
         if mask is None:
             try:
-                brain = brain_mask(mag_comb, voxel_size=vs, **mask_params)
+                # R2* from three echoes or more: drops extra-cerebral tissue (qsmlab.recon.masking)
+                r2 = r2star_map(magnitude, te) if te.size >= 3 and "r2star" not in mask_params else None
+                brain = brain_mask(mag_comb, voxel_size=vs, r2star=r2, b0_tesla=float(b0_tesla), **mask_params)
             except TypeError as e:
                 raise QSMInputError(f"mask parameters: {e}") from None
             steps.append({"step": "mask", "method": "brain_mask", "source": "magnitude (RSS over echoes)",
-                          "params": {**registry.parameters(brain_mask), **mask_params}})
+                          "params": {**registry.parameters(brain_mask), "b0_tesla": float(b0_tesla), **mask_params},
+                          "r2star": "magnitude^2-weighted log-linear fit over TE" if r2 is not None else "none"})
         else:
             brain = np.asarray(mask) > 0.5
             if brain.shape != phase.shape[:3]:
