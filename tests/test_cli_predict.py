@@ -107,20 +107,16 @@ def test_voxel_resampling_never_runs_on_the_scans_grid_and_still_rotates(ckpts, 
     mask = np.asarray(nib.load(str(paths["mask"])).dataobj) > 0.5
     f = np.asarray(nib.load(str(paths["field"])).dataobj)
     b0 = b0_dir_from_affine(affine)
-    model.hparams["voxel_resampling"] = "never"
-    try:
-        frame = model._frame(mask.shape, (1.0, 1.0, 1.0), b0)
-        assert frame.rotated and not frame.resampled and np.allclose(frame.out_voxel_size, 1.0)
-        assert model._frame(mask.shape, (1.0, 1.0, 1.0), model.train_b0_dir.numpy()) is None
-    finally:
-        model.hparams["voxel_resampling"] = "auto"
-    assert model._frame(mask.shape, (1.0, 1.0, 1.0), b0).resampled
+    frame = model.inference_frame(mask.shape, (1.0, 1.0, 1.0), b0, voxel_resampling="never")
+    assert frame.rotated and not frame.resampled and np.allclose(frame.out_voxel_size, 1.0)
+    assert model.inference_frame(mask.shape, (1.0, 1.0, 1.0), model.train_b0_dir.numpy(), "never") is None
+    assert model.inference_frame(mask.shape, (1.0, 1.0, 1.0), b0).resampled
     # the API's per-call override equals the command, and leaves the checkpoint's setting as it was
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         api = predict_volume(model, f, mask, voxel_size=(1, 1, 1), b0_dir=b0, voxel_resampling="never")
     assert np.allclose(api, np.asarray(img.dataobj), atol=1e-6)
-    assert model.hparams["voxel_resampling"] == "auto"
+    assert model.hparams["voxel_resampling"] == "auto" and model.options.voxel_resampling == "auto"
     with pytest.raises(QSMInputError, match="voxel_resampling"):
         predict_volume(model, f, mask, voxel_size=(1, 1, 1), b0_dir=b0, voxel_resampling="sometimes")
     import contextlib

@@ -14,11 +14,17 @@ from _methods import VAL_SUBJECT, tiny_datamodule, tiny_dataset, tiny_trainer
 from scipy import ndimage
 
 from qsmlab.methods import UQSM, UQSMLoss, load_method
-from qsmlab.methods.base import normalise_magnitude
-from qsmlab.methods.inference import b0_angle_deg, crop, make_frame, pad_to_multiple, rotation_onto
+from qsmlab.methods.inference import (
+    b0_angle_deg,
+    crop,
+    make_frame,
+    normalise_magnitude,
+    pad_to_multiple,
+    rotation_onto,
+)
 from qsmlab.methods.statistics import common_b0_dir, robust_std
 from qsmlab.metrics import compute_all
-from qsmlab.physics import DipoleOperator, tilted_b0_dir
+from qsmlab.physics import DipoleOperator, physics_for_batch, tilted_b0_dir
 
 
 @pytest.fixture(scope="session")
@@ -203,10 +209,10 @@ def test_sliding_windows_for_large_volumes():
     chi, mask = _blob_chi((28, 36, 20), seed=3)
     field = DipoleOperator().A(chi) * mask
     images = {"field": torch.from_numpy(field).float()[None, None], "mask": torch.from_numpy(mask).float()[None, None]}
-    assert m._needs_windows((28, 36, 20))
+    assert m.needs_windows((28, 36, 20))
     with torch.no_grad():
         tiled = m(images)["chi"]
-        m.hparams.max_inference_voxels = 10**9
+        m.options = dataclasses.replace(m.options, max_inference_voxels=10**9)
         whole = m(images)["chi"]
     assert tiled.shape == whole.shape == (1, 1, 28, 36, 20)
     # Gaussian-blended windows approximate the whole-volume pass (BN in eval mode, receptive field 16^3)
@@ -345,18 +351,18 @@ def test_simulated_patch_fields_are_explained_by_the_patch():
                      voxel_size=torch.ones(1, 3), phase_scale=torch.tensor([float("nan")]), affine=torch.eye(4)[None],
                      chi=t(chi))
     m = UQSM(width=4, depth=2, field_scale=0.01, patch_fields="simulate")
-    out = m.simulate_patch_fields(batch)
+    out = m.training_batch(batch, physics_for_batch(batch))
     own = DipoleOperator((1, 1, 1), b).A(chi) * mask
     np.testing.assert_allclose(out.field[0, 0].numpy(), own, atol=1e-6)
     assert np.linalg.norm((full_field - own)[mask]) > 0.05 * np.linalg.norm(own[mask])  # it did change
     noisy = UQSM(width=4, depth=2, field_scale=0.01, patch_fields="simulate", patch_field_noise=0.01)
     torch.manual_seed(0)
-    r = noisy.simulate_patch_fields(batch).field[0, 0].numpy() - own
+    r = noisy.training_batch(batch, physics_for_batch(batch)).field[0, 0].numpy() - own
     assert np.all(r[~mask] == 0) and 0 < np.std(r[mask]) <= 0.01
     # default: the batch's own field; no chi (in-vivo rows): unchanged, with a warning
-    assert UQSM(width=4, depth=2, field_scale=0.01).simulate_patch_fields(batch) is batch
+    assert UQSM(width=4, depth=2, field_scale=0.01).training_batch(batch, physics_for_batch(batch)) is batch
     invivo = dataclasses.replace(batch, chi=None)
     with pytest.warns(UserWarning, match="no chi"):
-        assert m.simulate_patch_fields(invivo) is invivo
+        assert m.training_batch(invivo, physics_for_batch(invivo)) is invivo
     with pytest.raises(Exception, match="patch_fields"):
         UQSM(patch_fields="resample")

@@ -19,8 +19,9 @@ from qsmlab.data.manifest import load_manifest
 from qsmlab.data.recipe import ensure_dataset
 from qsmlab.errors import QSMInputError
 from qsmlab.methods import NeXtQSM, load_method
-from qsmlab.methods.nextqsm import background_from_checkpoint, harmonic_residual, smv_kernel
-from qsmlab.methods.predict import predict_volume
+from qsmlab.methods.inference import Context
+from qsmlab.methods.nextqsm import harmonic_residual, smv_kernel
+from qsmlab.methods.predict import background_from_checkpoint, predict_volume
 from qsmlab.methods.statistics import masked_sample, robust_std
 from qsmlab.physics import DipoleOperator
 
@@ -252,12 +253,14 @@ def test_teacher_forcing_trains_the_inversion_on_the_true_local_field_only_in_tr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer
         model.training_step(batch, 0)
-    assert set(model._last_parts) == {"loss_field", "loss_chi", "loss_chi_local"}
-    assert model._channels == ["total_field", "harmonic", "mask", "true_local"]
+    assert set(model.last_loss_parts) == {"loss_field", "loss_chi", "loss_chi_local"}
+    ctx = Context.of(batch.voxel_size, batch.b0_dir, inputs=model.inputs_for(set(batch.keys())))
+    assert model.channel_names(ctx) == ["total_field", "harmonic", "mask", "true_local"]
     model.eval()
     with torch.no_grad():
         out = model.predict_batch(batch)
-    assert set(out) == {"chi", "local_field"} and model._channels == ["total_field", "harmonic", "mask"]
+    ctx = Context.of(batch.voxel_size, batch.b0_dir, inputs=model.inputs_for(set(batch.keys())))
+    assert set(out) == {"chi", "local_field"} and model.channel_names(ctx) == ["total_field", "harmonic", "mask"]
 
 
 def test_bad_input_is_one_line_error(trained, manifest, tmp_path):
@@ -308,15 +311,15 @@ def test_inference_pad_factor_applies_outside_training_only():
     model = NeXtQSM(**TINY_NET, varnet_pad_factor=2.0, varnet_inference_pad_factor=1.25)
     model.set_statistics(0.01, (0.0, 0.0, 1.0), (2.0, 2.0, 2.0))
     model.train()
-    assert model.varnet_pad == 2.0 and model._network_physics(1).pad_factor == 2.0
+    assert model.varnet_pad == 2.0 and model.varnet_operator().pad_factor == 2.0
     model.eval()
-    assert model.varnet_pad == 1.25 and model._network_physics(1).pad_factor == 1.25
+    assert model.varnet_pad == 1.25 and model.varnet_operator().pad_factor == 1.25
     # what eval mode runs: the periodic wrap of a 1.25-padded grid differs from the 2-padded one
     x = torch.zeros(1, 1, 24, 24, 24)
     x[..., 4:20, 4:20, 4:20] = torch.randn(1, 1, 16, 16, 16)
-    a = model._network_physics(1).A(x)
+    a = model.varnet_operator().A(x)
     model.train()
-    b = model._network_physics(1).A(x)
+    b = model.varnet_operator().A(x)
     assert 0 < float((a - b).abs().max()) < 0.2 * float(b.abs().max())
     assert NeXtQSM(**TINY_NET, varnet_pad_factor=2.0).eval().varnet_pad == 2.0
     with pytest.raises(QSMInputError, match="model.varnet_inference_pad_factor"):

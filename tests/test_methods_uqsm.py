@@ -69,7 +69,7 @@ def test_uqsm_learns_from_physics_alone(tiny_manifest):
     for _ in range(20):
         from qsmlab.physics import physics_for_batch
 
-        pred = m._mask_outputs(m.infer_images(m._images_of(batch), windows=False), batch.mask)
+        pred = m.mask_outputs(m.infer_images(m.batch_images(batch), windows=False), batch.mask)
         total, parts = m.loss_fn(pred, batch, physics_for_batch(batch))
         opt.zero_grad()
         total.backward()

@@ -45,7 +45,7 @@ class CompositeLoss(nn.Module):
         terms: ``{"dc": (DataConsistencyLoss(), 1.0), "tv": (TVLoss(), 1e-3)}`` or a list of
             :class:`Term`. Names must be identifiers (they become ``lambda_<name>`` and ``loss_<name>``).
 
-    ``forward(pred, batch, physics=None) -> (total, parts)``. ``physics`` is passed to every term; when
+    ``forward(pred, batch, physics=None, skip=()) -> (total, parts)``. ``physics`` is passed to every term; when
     None it is built once with :func:`~qsmlab.physics.physics_for_batch` (default padding) when
     the batch has ``b0_dir`` and ``voxel_size``. Weights: ``self.weights`` (a dict name -> float) or ``lambda_<name>``
     attributes; :meth:`set_weights` sets several at once.
@@ -106,8 +106,11 @@ class CompositeLoss(nn.Module):
         return ", ".join(f"lambda_{k}={v:g}" for k, v in self.weights.items())
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def forward(self, pred, batch, physics=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        active = [(name, w) for name, w in self.weights.items() if w != 0.0]
+    def forward(self, pred, batch, physics=None, skip: Iterable[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, parts)``; the terms named in ``skip`` are left out as if their weight were 0 (e.g. a
+        training-only term when a method is evaluated)."""
+        skip = set(skip)
+        active = [(name, w) for name, w in self.weights.items() if w != 0.0 and name not in skip]
         if not active:
             raise ValueError(f"CompositeLoss: every term has weight 0 ({self.weight_hparams()}); nothing to optimise")
         if physics is None and _get(batch, "b0_dir") is not None and _get(batch, "voxel_size") is not None:

@@ -3,26 +3,20 @@
 :func:`install` registers the ``ckpt`` prefix with :mod:`qsmlab.recon.registry`, so any trained method's
 checkpoint is an inversion with the registry's signature, and a NeXtQSM checkpoint's background net is a
 background-removal method. The command layer calls it (recon must not import methods: DESIGN.md §2).
-A loaded checkpoint is kept for the process, so a pipeline over many scans loads it once.
+A loaded checkpoint is kept for the process (:func:`qsmlab.methods.predict.method_from`, the package's one
+checkpoint cache), so a pipeline over many scans loads it once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from qsmlab.errors import QSMInputError
+from qsmlab.methods.predict import background_from_checkpoint, method_from, predict_volume
 from qsmlab.recon import registry
-
-
-@lru_cache(maxsize=4)
-def _load(path: str):
-    from qsmlab.methods import load_method
-
-    return load_method(path)
 
 
 def _checked(path: str, family: str) -> str:
@@ -37,9 +31,7 @@ def _inversion(path: str) -> Callable:
     def ckpt_inversion(field, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), magnitude=None,
                         quiet=False):
         """Dipole inversion by the trained network in the checkpoint (ppm in, ppm out)."""
-        from qsmlab.methods.predict import predict_volume
-
-        return predict_volume(_load(path), np.asarray(field, np.float32), np.asarray(mask) > 0,
+        return predict_volume(method_from(path), np.asarray(field, np.float32), np.asarray(mask) > 0,
                               voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude)
 
     ckpt_inversion.__qualname__ = f"ckpt:{path}"
@@ -49,10 +41,8 @@ def _inversion(path: str) -> Callable:
 def _background(path: str) -> Callable:
     def ckpt_background(total_field, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), quiet=False):
         """Background removal by a NeXtQSM checkpoint's background network -> (local field, mask)."""
-        from qsmlab.methods.nextqsm import background_from_checkpoint
-
         m = np.asarray(mask) > 0
-        local = background_from_checkpoint(_load(path), np.asarray(total_field, np.float32), m,
+        local = background_from_checkpoint(method_from(path), np.asarray(total_field, np.float32), m,
                                            voxel_size=voxel_size, b0_dir=b0_dir)
         return local, m
 

@@ -64,14 +64,14 @@ class UQSMDIP(UQSM):
         self.last_fit: dict = {}
 
     # BN on the volume's own statistics, also outside training mode.
-    def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run_network(self, x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
         if self.net.training:
-            return super().run_network(x)
+            return super().run_network(x, ctx)
         bns = [m for m in self.net.modules() if isinstance(m, _BatchNorm)]
         for m in bns:
             m.train()
         try:
-            return super().run_network(x)
+            return super().run_network(x, ctx)
         finally:
             for m in bns:
                 m.eval()
@@ -142,18 +142,18 @@ class UQSMDIP(UQSM):
             "phase_scale": torch.tensor([math.nan if ps is None else float(ps)], dtype=torch.float32),
         }
         images = {"field": batch["field"], "mask": batch["mask"]}
-        physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+        physics = physics_for_batch(batch, pad_factor=self.options.pad_factor)
         msk = batch["mask"]
         n_mask = float(msk.sum())
-        opt = torch.optim.AdamW(self.net.parameters(), lr=float(self.hparams.lr),
-                                weight_decay=float(self.hparams.weight_decay))
+        opt = torch.optim.AdamW(self.net.parameters(), lr=float(self.options.lr),
+                                weight_decay=float(self.options.weight_decay))
         self.net.train()
         history: list[float] = []
         reason, rms, it = "iterations", float("nan"), 0
         bar = tqdm(range(n), desc="uQSM-DIP", unit="it", disable=not progress)
         for it in bar:
             opt.zero_grad(set_to_none=True)
-            pred = self._mask_outputs(self.infer_images(images, windows=False), msk)
+            pred = self.mask_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False), msk)
             total, parts = self.loss_fn(pred, batch, physics)
             total.backward()
             opt.step()
@@ -170,7 +170,7 @@ class UQSMDIP(UQSM):
                 break
         bar.close()
         with torch.no_grad():
-            chi = self._mask_outputs(self.infer_images(images, windows=False), msk)["chi"]
+            chi = self.mask_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False), msk)["chi"]
         self.last_fit = {"iterations": it + 1, "stopped_by": reason, "loss_dc": history[-1],
                          "residual_rms_ppm": rms, "field_scale_ppm": self.scale}
         return chi[0, 0].float().cpu().numpy() * m
@@ -180,7 +180,7 @@ class UQSMDIP(UQSM):
         self._dc_history = []
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        parts = getattr(self, "_last_parts", {})
+        parts = self.last_loss_parts
         if "loss_dc" in parts:
             self._dc_history.append(parts["loss_dc"])
         reason = None
@@ -188,8 +188,8 @@ class UQSMDIP(UQSM):
             reason = "iterations"
         elif self.noise_level is not None:
             with torch.no_grad():
-                chi = self._mask_outputs(self.infer_images(self._images_of(batch), windows=False), batch.mask)["chi"]
-                physics = physics_for_batch(batch, pad_factor=float(self.hparams.get("pad_factor", 2.0)))
+                chi = self.mask_outputs(self.infer_images(self.batch_images(batch), windows=False), batch.mask)["chi"]
+                physics = physics_for_batch(batch, pad_factor=self.options.pad_factor)
                 r = (physics.A(chi) - batch.field) * (batch.mask > 0.5)
                 rms = float(torch.sqrt((r * r).sum() / (batch.mask > 0.5).sum().clamp_min(1)))
             reason = self._should_stop(self._dc_history, rms)

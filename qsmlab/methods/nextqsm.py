@@ -38,13 +38,13 @@ local-field scale would feed inputs of several hundred) and predicts ``local_fie
 ``chi / field_scale`` (the base's scale; the variational network's data term is linear, so dividing
 field and chi by one scale keeps its steps consistent).
 
-Inference modes (picked from the images given, :meth:`NeXtQSM.inputs_for`):
+Inference modes (from the images given, :meth:`NeXtQSM.inputs_for`, and the outputs wanted):
 
 - ``total_field`` + ``mask``: the whole chain (``qsmlab predict --total-field``);
 - ``field`` (a local field) + ``mask`` without a total field: the variational network alone (the
   background net is skipped), so the checkpoint also works as a dipole inversion (``--inversion ckpt:``);
-- :func:`background_from_checkpoint`: the background net alone, total -> local field
-  (``qsmlab pipeline --bfr ckpt:PATH``).
+- outputs ``("local_field",)``: the background net alone, total -> local field (:meth:`background_arrays`,
+  ``qsmlab pipeline --bfr ckpt:PATH`` through :func:`qsmlab.methods.predict.background_from_checkpoint`).
 
 Validation logs the base's metrics on chi (end to end from the total field) and
 ``val/nrmse_local_field`` (%) of the predicted local field.
@@ -52,24 +52,23 @@ Validation logs the base's metrics on chi (end to end from the total field) and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss
 from qsmlab.methods.background_inputs import harmonic_residual, smv_kernel, vsharp_estimate  # noqa: F401 (API)
-from qsmlab.methods.base import QSMMethod, as_dataclass
+from qsmlab.methods.base import QSMMethod
+from qsmlab.methods.inference import Context, infer_volume
+from qsmlab.methods.options import as_dataclass
 from qsmlab.methods.statistics import masked_sample, robust_std
 from qsmlab.metrics import VolumeMetrics
 from qsmlab.models import NeXtQSMChain
-from qsmlab.physics import physics_for_batch
 
 MODES = ("total", "local", "background")
 BACKGROUND_INITS = ("none", "vsharp")
@@ -112,21 +111,6 @@ def build_nextqsm_loss(cfg: NeXtQSMLoss) -> CompositeLoss:
         "chi_local": (ChiLoss(norm=cfg.chi_norm, output="chi_local"), cfg.lambda_chi_local),
         "dc": (DataConsistencyLoss(kind="linear", norm="l2", output="chi", target="field"), cfg.lambda_dc),
     })
-
-
-def _sample(batch, i: int):
-    """Sample ``i`` of a dataclass batch (tensors and lists sliced ``[i:i+1]``)."""
-    if len(batch) == 1:
-        return batch
-    if not dataclasses.is_dataclass(batch):
-        raise TypeError(f"NeXtQSM: cannot split a batch of type {type(batch).__name__}")
-    sl = slice(i, i + 1)
-    changes = {}
-    for f in dataclasses.fields(batch):
-        v = getattr(batch, f.name)
-        if isinstance(v, torch.Tensor | list):
-            changes[f.name] = v[sl]
-    return dataclasses.replace(batch, **changes)
 
 
 class NeXtQSM(QSMMethod):
@@ -206,20 +190,20 @@ class NeXtQSM(QSMMethod):
                                 f"{background_init!r}")
         self.harmonic_input, self.smv_radius_mm = bool(harmonic_input), float(smv_radius_mm)
         self.background_init = background_init
-        self.net = NeXtQSMChain(
+        self.varnet_pad_factor = float(varnet_pad_factor)
+        self.varnet_inference_pad_factor = None if varnet_inference_pad_factor is None else \
+            float(varnet_inference_pad_factor)
+        self.net = self.prepare_network(NeXtQSMChain(
             bg=dict(in_channels=2 + self.harmonic_input + (background_init != "none"), width=bg_width, depth=bg_depth),
             varnet=dict(steps=steps, width=reg_width, depth=reg_depth, init_step=init_step, checkpointing=checkpointing,
                         init=varnet_init, init_threshold=varnet_init_threshold),
-            residual=background_init != "none")
-        self._channels: list[str] = []
+            residual=background_init != "none"))
         self.loss_fn = build_nextqsm_loss(self.loss_config)
         self.register_buffer("total_field_scale",
                              torch.tensor(math.nan if total_field_scale is None else float(total_field_scale)))
         self.val_local_metrics = VolumeMetrics(["nrmse"])
         self.test_local_metrics = VolumeMetrics(["nrmse"])
-        self._mode = "total"
-        self._geometry: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.save_method_hyperparameters()
+        self.save_method_hyperparameters(locals())
 
     # -- statistics ---------------------------------------------------------------------------------
     @property
@@ -232,31 +216,26 @@ class NeXtQSM(QSMMethod):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        rows = self.training_rows()
+        if math.isfinite(float(self.total_field_scale)) or not rows:
+            return
+        missing = [r.subject for r in rows if r.total_field is None]
+        if missing:
+            raise QSMInputError(f"NeXtQSM trains from total fields: training subjects {missing[:3]} have no "
+                                "'total_field' column in the manifest")
+        samples = [masked_sample(np.asarray(nib.load(str(r.total_field)).dataobj, dtype=np.float32),
+                                 np.asarray(nib.load(str(r.mask)).dataobj) > 0.5) for r in rows]
+        s = robust_std(np.concatenate(samples))
+        if not (math.isfinite(s) and s > 0):
+            raise QSMInputError(f"NeXtQSM: the training total fields are zero inside the masks "
+                                f"(first row: {rows[0].total_field})")
+        self.total_field_scale.fill_(s)
+
+    def statistics_from_batch(self, batch) -> None:
+        super().statistics_from_batch(batch)
         if math.isfinite(float(self.total_field_scale)):
             return
-        dm = getattr(self.trainer, "datamodule", None)
-        rows = getattr(dm, "rows", {}).get("train") if dm is not None else None
-        if rows:
-            import nibabel as nib
-
-            missing = [r.subject for r in rows if r.total_field is None]
-            if missing:
-                raise QSMInputError(f"NeXtQSM trains from total fields: training subjects {missing[:3]} have no "
-                                    "'total_field' column in the manifest")
-            samples = [masked_sample(np.asarray(nib.load(str(r.total_field)).dataobj, dtype=np.float32),
-                                     np.asarray(nib.load(str(r.mask)).dataobj) > 0.5) for r in rows]
-            s = robust_std(np.concatenate(samples))
-            if not (math.isfinite(s) and s > 0):
-                raise QSMInputError(f"NeXtQSM: the training total fields are zero inside the masks "
-                                    f"(first row: {rows[0].total_field})")
-            self.total_field_scale.fill_(s)
-
-    def _ensure_statistics(self, batch) -> None:
-        super()._ensure_statistics(batch)
-        if math.isfinite(float(self.total_field_scale)):
-            return
-        m = batch.mask > 0.5
-        s = robust_std(batch.total_field[m].detach().float().cpu().numpy())
+        s = robust_std(batch.total_field[batch.mask > 0.5].detach().float().cpu().numpy())
         if self._trainer is not None:
             s = self.trainer.strategy.broadcast(s, src=0)
         if not (math.isfinite(s) and s > 0):
@@ -264,241 +243,119 @@ class NeXtQSM(QSMMethod):
                                 "set model.total_field_scale (ppm)")
         self.total_field_scale.fill_(float(s))
 
-    # -- which inputs, which mode -------------------------------------------------------------------
+    # -- hooks: inputs, network, evaluation ---------------------------------------------------------
     def inputs_for(self, available) -> tuple[str, ...]:
-        """The inputs used given the available image names: the total field when there is one, else
-        the local ``field`` (variational network alone)."""
+        """The total field when there is one, else the local ``field`` (variational network alone); in
+        training with ``lambda_chi_local`` > 0 also the true local field (teacher forcing)."""
         if "total_field" in available or "field" not in available:
-            return ("total_field", "mask")
+            teacher = self.training and self.loss_config.lambda_chi_local > 0 and "field" in available
+            return ("total_field", "mask", "field") if teacher else ("total_field", "mask")
         return ("field", "mask")
 
-    @contextlib.contextmanager
-    def _using(self, mode: str | None = None, geometry=None):
-        """Run with an inference ``mode`` and/or the geometry (b0_dir [B, 3], voxel_size [B, 3]) of the
-        dipole operator inside the variational network; restores the previous ones on exit."""
-        old = (self._mode, self._geometry)
-        if mode is not None:
-            self._mode = mode
-        if geometry is not None:
-            b0, vs = geometry
-            self._geometry = (torch.as_tensor(np.asarray(b0, dtype=np.float32)).reshape(-1, 3),
-                              torch.as_tensor(np.asarray(vs, dtype=np.float32)).reshape(-1, 3))
-        try:
-            yield
-        finally:
-            self._mode, self._geometry = old
+    def mode(self, ctx: Context) -> str:
+        """``"local"`` (a local field given), ``"background"`` (only the local field wanted) or ``"total"``."""
+        if ctx.inputs[:1] == ("field",):
+            return "local"
+        return "total" if ctx.wants("chi") else "background"
 
-    def _geometry_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b0_dir, voxel_size) rows of the current geometry (the training geometry when none is set)."""
-        if self._geometry is not None:
-            return self._geometry
-        b0, vs = self.train_b0_dir.detach().cpu()[None], self.train_voxel_size.detach().cpu()[None]
-        if not (torch.all(torch.isfinite(b0)) and torch.all(torch.isfinite(vs))):
-            raise QSMInputError("NeXtQSM: no B0 direction / voxel size for the variational network's "
-                                "dipole operator (give them, or use a fitted checkpoint)")
-        return b0, vs
-
-    def _network_physics(self, n: int):
-        """The dipole operator of the current geometry inside the variational network."""
-        b0, vs = self._geometry_rows()
-        if b0.shape[0] not in (1, n) or vs.shape[0] not in (1, n):
-            raise QSMInputError(f"NeXtQSM: geometry for {b0.shape[0]} samples, network input has {n}")
-        return physics_for_batch({"b0_dir": b0, "voxel_size": vs},
-                                 pad_factor=self.varnet_pad)
+    def channel_names(self, ctx: Context) -> list[str]:
+        """The network input's channels (:meth:`network_inputs`) for a context."""
+        if self.mode(ctx) == "local":
+            return ["field", "mask"]
+        names = ["total_field"] + ["harmonic"] * self.harmonic_input + ["bg_init"] * (self.background_init == "vsharp")
+        teacher = self.training and self.mode(ctx) == "total" and "field" in ctx.inputs and ctx.wants("chi_local")
+        return names + ["mask"] + ["true_local"] * teacher
 
     @property
     def varnet_pad(self) -> float:
         """Padding factor of the variational network's operator now: the training one while training,
         ``varnet_inference_pad_factor`` (when set) otherwise."""
-        pad = float(self.hparams.get("varnet_pad_factor", 1.0))
-        inference = self.hparams.get("varnet_inference_pad_factor")
-        return pad if self.training or inference is None else float(inference)
+        inference = self.varnet_inference_pad_factor
+        return self.varnet_pad_factor if self.training or inference is None else inference
 
-    def network_input(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Channels by mode (``self._channels`` names them for :meth:`run_network`):
+    def varnet_operator(self, ctx: Context | None = None, n: int = 1):
+        """The dipole operator inside the variational network (``ctx``'s geometry; None: the training one)."""
+        if ctx is None:
+            if not (torch.all(torch.isfinite(self.train_b0_dir)) and torch.all(torch.isfinite(self.train_voxel_size))):
+                raise QSMInputError("NeXtQSM: no B0 direction / voxel size for the variational network's "
+                                    "dipole operator (give them, or use a fitted checkpoint)")
+            ctx = Context.of(self.train_voxel_size, self.train_b0_dir)
+        if ctx.b0_dir.shape[0] not in (1, n) or ctx.voxel_size.shape[0] not in (1, n):
+            raise QSMInputError(f"NeXtQSM: geometry for {ctx.b0_dir.shape[0]} samples, network input has {n}")
+        return ctx.operator(self.varnet_pad)
 
-        - local: local field / field_scale, mask;
-        - total / background: total field / total_field_scale, [its SHARP residual / field_scale,] mask,
-          and in training with ``lambda_chi_local`` > 0 the true local field / field_scale (teacher forcing).
-        """
+    def network_inputs(self, images, ctx: Context) -> torch.Tensor:
+        """Channels (:meth:`channel_names`): local field / field_scale and mask; or total field /
+        total_field_scale, [its SHARP residual / field_scale,] [V-SHARP / field_scale,] mask [, true local
+        field / field_scale (teacher forcing)]."""
         mask = images.get("mask")
         if mask is None:
             raise QSMInputError("NeXtQSM needs the brain mask (--mask)")
         m = (mask > 0.5).float()
-        if self._mode == "local":
-            f = images.get("field")
-            if f is None:
-                raise QSMInputError("NeXtQSM from a local field needs it (--field)")
-            self._channels = ["field", "mask"]
-            return torch.cat([f.float() / self.scale * m, m], dim=1)
+        if self.mode(ctx) == "local":
+            return torch.cat([images["field"].float() / self.scale * m, m], dim=1)
         t = images.get("total_field")
         if t is None:
             raise QSMInputError("NeXtQSM needs the total field (--total-field), or a local field (--field) "
                                 "to run its variational network alone")
         t = t.float() * m
-        chans, names = [t / self.total_scale], ["total_field"]
+        chans = [t / self.total_scale]
         if self.harmonic_input:
-            vs = self._geometry_rows()[1]
-            chans.append(harmonic_residual(t, m, vs, self.smv_radius_mm) / self.scale)
-            names.append("harmonic")
+            chans.append(harmonic_residual(t, m, ctx.voxel_size, self.smv_radius_mm) / self.scale)
         if self.background_init == "vsharp":
-            chans.append(vsharp_estimate(t, m, self._geometry_rows()[1]) / self.scale)
-            names.append("bg_init")
+            chans.append(vsharp_estimate(t, m, ctx.voxel_size) / self.scale)
         chans.append(m)
-        names.append("mask")
-        if self._teacher_forcing(images):
+        if "true_local" in self.channel_names(ctx):
             chans.append(images["field"].float() / self.scale * m)
-            names.append("true_local")
-        self._channels = names
         return torch.cat(chans, dim=1)
 
-    def _teacher_forcing(self, images) -> bool:
-        return (self.training and self._mode == "total" and self.loss_config.lambda_chi_local > 0
-                and images.get("field") is not None)
-
-    def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named outputs in units of ``field_scale``: ``local_field`` and (unless background-only) ``chi``,
-        plus ``chi_local`` (the variational network on the true local field) when teacher forcing."""
-        if self.hparams.get("channels_last", False):  # oneDNN convolutions on CPU (see the base)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        names = self._channels
+    def run_network(self, x: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
+        """``local_field`` and (unless background-only) ``chi`` in units of ``field_scale``, plus ``chi_local``
+        (the variational network on the true local field) when teacher forcing."""
+        x = self.memory_format(x)
+        names = self.channel_names(ctx)
         mask = x[:, names.index("mask")][:, None]
-        if self._mode == "local":
+        if self.mode(ctx) == "local":
             local = x[:, :1]
-            return {"local_field": local, "chi": self.net.varnet(local, mask, self._network_physics(x.shape[0]))}
-        local = self.net.background(x[:, : names.index("mask") + 1])
-        if "bg_init" in names:
-            local = local + x[:, names.index("bg_init")][:, None]
-        local = local * mask
-        if self._mode == "background":
-            return {"local_field": local}
-        physics = self._network_physics(x.shape[0])
-        out = {"local_field": local, "chi": self.net.varnet(local, mask, physics)}
-        if "true_local" in names:
-            out["chi_local"] = self.net.varnet(x[:, names.index("true_local")][:, None], mask, physics)
-        return out
+            return {"local_field": local, "chi": self.net.varnet(local, mask, self.varnet_operator(ctx, len(x)))}
+        inputs = x[:, : names.index("mask")]
+        if self.mode(ctx) == "background":
+            return {"local_field": self.net.local_field(inputs, mask)}
+        true_local = x[:, names.index("true_local")][:, None] if "true_local" in names else None
+        return self.net(inputs, mask, self.varnet_operator(ctx, len(x)), true_local=true_local)
 
-    def infer_images(self, images: Mapping[str, torch.Tensor], windows: bool = True,
-                     geometry=None) -> dict[str, torch.Tensor]:
-        mode = self._mode
-        if mode != "background":
-            mode = "total" if self.inputs_for(set(k for k, v in images.items() if v is not None))[0] == \
-                "total_field" else "local"
-        with self._using(mode=mode):
-            # geometry feeds the base's prior only; NeXtQSM has none (its TKD init lives in the varnet,
-            # under the geometry set by _using)
-            out = super().infer_images(images, windows=windows, geometry=geometry)
-        # the background mode has no chi; outputs are all "ppm" (scaled by field_scale in the base)
-        return out
-
-    def _images_of(self, batch, i: slice | None = None) -> dict[str, torch.Tensor]:
-        names = set(self.inputs_for(set(batch.keys()) if hasattr(batch, "keys") else set())) | {"mask"}
-        if self.training and self.loss_config.lambda_chi_local > 0:
-            names.add("field")  # the true local field, for teacher forcing (see network_input)
-        out = {}
-        for n in names:
-            t = batch.get(n) if hasattr(batch, "get") else getattr(batch, n, None)
-            if t is not None:
-                out[n] = t if i is None else t[i]
-        return out
-
-    # -- geometry of the variational network, per sample -------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if batch.total_field is None or batch.chi is None:
             raise QSMInputError("NeXtQSM is trained end to end on hybrid data: the training scans need "
                                 f"'total_field' and 'chi' (manifest columns); batch {batch.key[:2]} lacks one")
-        with self._using(mode="total", geometry=(batch.b0_dir.cpu(), batch.voxel_size.cpu())):
-            return super().training_step(batch, batch_idx)
+        return super().training_step(batch, batch_idx)
 
-    def simulate_patch_fields(self, batch):
+    def training_batch(self, batch, physics):
         """The base's ``patch_fields: simulate`` (local field = ``A(chi * mask) * mask`` of the patch's own
         chi), with the total field kept consistent: ``total - local_old + local_new``, i.e. the patch's
         background field (harmonic inside the mask, from sources outside it) plus the simulated local field."""
-        new = super().simulate_patch_fields(batch)
+        new = super().training_batch(batch, physics)
         if new is batch or batch.get("total_field") is None:
             return new
         total = batch.total_field - batch.field.to(batch.total_field.dtype) + new.field.to(batch.total_field.dtype)
         return dataclasses.replace(new, total_field=total)
 
-    def predict_batch(self, batch) -> dict[str, torch.Tensor]:
-        outs = []
-        for i in range(len(batch)):
-            with self._using(geometry=(batch.b0_dir[i].cpu(), batch.voxel_size[i].cpu())):
-                outs.append(super().predict_batch(_sample(batch, i)))
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    def evaluation_loss(self, outputs, batch, physics) -> torch.Tensor:
+        # teacher forcing is a training device: there is no chi_local output outside training
+        return self.loss_fn(outputs, batch, physics, skip=("chi_local",))[0]
 
-    @torch.no_grad()
-    def infer_arrays(self, images: Mapping[str, np.ndarray], voxel_size, b0_dir) -> dict[str, np.ndarray]:
-        mask = np.asarray(images["mask"]) > 0.5
-        frame = self._frame(mask.shape, voxel_size, b0_dir)
-        b0 = np.asarray(b0_dir, dtype=np.float64)
-        if frame is None:
-            geometry = (b0, voxel_size)
-        else:  # the inputs are resampled into the frame: training B0 if rotated, the frame's voxels
-            geometry = (self.train_b0_dir.cpu().numpy() if frame.rotated else b0, frame.out_voxel_size)
-        with self._using(geometry=geometry):
-            return super().infer_arrays(images, voxel_size, b0_dir)
+    def score_volume(self, stage: str, batch, outputs) -> None:
+        if "local_field" in outputs and batch.get("total_field") is not None:
+            getattr(self, f"{stage}_local_metrics").update(outputs["local_field"].float(), batch.field.float(),
+                                                           batch.mask)
 
-    def background_arrays(self, total_field: np.ndarray, mask: np.ndarray, voxel_size, b0_dir) -> np.ndarray:
-        """The background net alone: local field (ppm, (X, Y, Z), masked) of a total field (ppm)."""
-        with self._using(mode="background"):
-            out = self.infer_arrays({"total_field": total_field, "mask": mask}, voxel_size, b0_dir)
-        return out["local_field"]
-
-    # -- evaluation of the local field --------------------------------------------------------------
-    def _evaluate(self, stage: str, batch, batch_idx: int):
-        w = self.loss_fn.weights["chi_local"]
-        self.loss_fn.weights["chi_local"] = 0.0  # teacher forcing is a training device: no such output here
-        try:
-            pred = super()._evaluate(stage, batch, batch_idx)
-        finally:
-            self.loss_fn.weights["chi_local"] = w
-        if pred is not None and "local_field" in pred and batch.get("total_field") is not None:
-            getattr(self, f"{stage}_local_metrics").update(pred["local_field"].float(), batch.field.float(), batch.mask)
-        return pred
-
-    def _log_epoch(self, stage: str) -> None:
-        super()._log_epoch(stage)
+    def epoch_values(self, stage: str) -> dict[str, torch.Tensor]:
         metric = getattr(self, f"{stage}_local_metrics")
         value = metric.compute()["nrmse"]
         metric.reset()
-        if torch.isfinite(value):
-            self.log(f"{stage}/nrmse_local_field", value.float(), sync_dist=False)
+        return {f"{stage}/nrmse_local_field": value}
 
-
-def background_from_checkpoint(ckpt: str | Path | NeXtQSM, total_field: np.ndarray, mask: np.ndarray,
-                               voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-                               b0_dir: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
-    """Background removal by a NeXtQSM checkpoint's background net (``qsmlab pipeline --bfr ckpt:PATH``).
-
-    Args:
-        ckpt: NeXtQSM checkpoint (``.ckpt``) or a loaded :class:`NeXtQSM`.
-        total_field: ppm, (X, Y, Z). mask: brain mask on the same grid.
-        voxel_size: mm. b0_dir: B0 direction in voxel axes (the input is rotated/resampled into the
-            training geometry and back when it is off, as for every method).
-    Returns:
-        local field (ppm, (X, Y, Z), zero outside the mask).
-    """
-    from qsmlab.methods.predict import method_from
-
-    model = method_from(ckpt, method="nextqsm")
-    t = np.asarray(total_field, dtype=np.float32)
-    m = np.asarray(mask) > 0.5
-    if t.ndim != 3:
-        raise QSMInputError(f"total_field: expected a 3-D (X, Y, Z) array, got shape {t.shape}")
-    if m.shape != t.shape:
-        raise QSMInputError(f"mask: grid {m.shape} does not match the total field's {t.shape}")
-    if not m.any():
-        raise QSMInputError("mask: empty (no voxel set); expected a non-empty brain mask")
-    if not np.all(np.isfinite(t)):
-        raise QSMInputError("total_field: contains NaN/Inf")
-    b0 = np.asarray(b0_dir, dtype=np.float64).reshape(3)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            local = model.background_arrays(t, m.astype(np.float32), np.asarray(voxel_size, np.float64),
-                                            b0 / np.linalg.norm(b0))
-    finally:
-        model.train(was_training)
-    return np.asarray(local, dtype=np.float32)
+    def background_arrays(self, total_field: np.ndarray, mask: np.ndarray, voxel_size, b0_dir) -> np.ndarray:
+        """The background net alone: local field (ppm, (X, Y, Z), masked) of a total field (ppm)."""
+        images = {"total_field": total_field, "mask": mask}
+        return infer_volume(self, images, voxel_size, b0_dir, outputs=("local_field",))["local_field"]

@@ -1,4 +1,4 @@
-"""PedQ-NET: self-supervised reconstruction with subcortical segmentation, and its brain-masking net.
+"""PedQ-NET: self-supervised reconstruction with subcortical segmentation.
 
 PedQ-NET (as described in issue 7 and DESIGN.md section 4; its abstract is the source, the full paper
 could not be checked offline): an nnU-Net-style reconstruction network (MONAI ``DynUNet``,
@@ -25,8 +25,7 @@ the same patch); on a full volume the recon net runs on the (padded) volume and 
 its chi with Gaussian-blended windows (MONAI ``sliding_window_inference``). Validation logs the base's
 chi metrics and ``val/dice`` (mean Dice over the subcortical classes present, background excluded).
 
-:class:`BrainMaskNet`: magnitude -> brain mask with a UNETR (:class:`qsmlab.models.BrainMaskUNETR`),
-Dice + CE against the batch's ``mask``; ``val/dice``. Its output ``mask`` is written as 0/1.
+Its brain-masking net is :class:`qsmlab.methods.brainmask.BrainMaskNet`.
 """
 
 from __future__ import annotations
@@ -36,15 +35,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from qsmlab.data.phantoms.anatomical import LABEL_IDS, LABELS
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import CompositeLoss, DataConsistencyLoss, DiceCELoss, TVLoss
-from qsmlab.methods.base import QSMMethod, as_dataclass, normalise_magnitude
-from qsmlab.methods.inference import make_frame
-from qsmlab.models import BrainMaskUNETR, PedQNetRecon, SubcorticalUNETR
+from qsmlab.methods.base import QSMMethod
+from qsmlab.methods.brainmask import BrainMaskNet  # noqa: F401 (checkpoints written before it moved name this path)
+from qsmlab.methods.inference import Context, sliding_windows
+from qsmlab.methods.options import as_dataclass
+from qsmlab.methods.scores import dice_per_volume
+from qsmlab.models import PedQNetRecon, SubcorticalUNETR
 
 SUBCORTICAL_CLASSES: dict[str, list[str]] = {
     "caudate": ["caudate"],
@@ -63,8 +65,6 @@ sample with few channels it falls back to its much slower native 3-D convolution
 
 def label_lut(seg_classes: Mapping[str, Sequence[str | int]]) -> torch.Tensor:
     """Lookup table anatomical label id -> class index (0 = background/other), from class -> labels."""
-    from qsmlab.data.phantoms.anatomical import LABEL_IDS, LABELS
-
     lut = torch.zeros(max(LABELS) + 1, dtype=torch.long)
     for c, (name, labels) in enumerate(seg_classes.items(), start=1):
         if isinstance(labels, str | int):
@@ -76,21 +76,6 @@ def label_lut(seg_classes: Mapping[str, Sequence[str | int]]) -> torch.Tensor:
                                     f"{ {k: v for k, v in LABELS.items() if k} }")
             lut[idx] = c
     return lut
-
-
-def dice_per_volume(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean Dice over the foreground classes present in each volume (MONAI ``compute_dice``), [B].
-
-    ``logits`` [B, C, X, Y, Z]; ``labels`` [B, 1, X, Y, Z] int in 0..C-1. Classes absent from both the
-    prediction and the labels are ignored (NaN in MONAI); a volume with no foreground class gives NaN.
-    """
-    from monai.metrics import compute_dice
-
-    n = logits.shape[1]
-    pred = torch.nn.functional.one_hot(logits.argmax(1), n).movedim(-1, 1).float()
-    ref = torch.nn.functional.one_hot(labels[:, 0].long().clamp(0, n - 1), n).movedim(-1, 1).float()
-    d = compute_dice(pred, ref, include_background=False, ignore_empty=True)
-    return torch.nanmean(d, dim=1)
 
 
 @dataclass
@@ -162,25 +147,23 @@ class PedQNet(QSMMethod):
         if not self.seg_classes:
             raise QSMInputError("model.seg_classes: expected at least one class")
         self.register_buffer("label_lut", label_lut(self.seg_classes), persistent=False)
-        self.net = PedQNetRecon(in_channels=len(self.inputs) + self.prior_channels, out_channels=1,
-                                filters=list(filters), kernel_size=kernel_size,
-                                res_block=res_block)
+        self.net = self.prepare_network(PedQNetRecon(in_channels=len(self.inputs) + self.prior_channels,
+                                                     out_channels=1, filters=list(filters), kernel_size=kernel_size,
+                                                     res_block=res_block))
         self.seg_net = SubcorticalUNETR(num_classes=len(self.seg_classes) + 1, img_size=_img_size(seg_img_size),
                                         feature_size=seg_feature_size, hidden_size=seg_hidden_size,
                                         mlp_dim=seg_mlp_dim, num_heads=seg_num_heads)
         self.detach_seg_input = bool(detach_seg_input)
         self.segment_at_inference = bool(segment_at_inference)
-        self._evaluating = False
         self.loss_fn = build_pedqnet_loss(self.loss_config)
         self.val_dice, self.test_dice = MeanMetric(), MeanMetric()
-        self.save_method_hyperparameters()
-        if self.hparams.get("channels_last", False):  # the base converts self.net; the UNETR too (oneDNN)
+        if self.options.channels_last:  # the UNETR too (oneDNN convolutions on CPU)
             self.seg_net.to(memory_format=torch.channels_last_3d)
+        self.save_method_hyperparameters(locals())
 
-    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.get("channels_last", False) and x.ndim == 5:
-            return x.contiguous(memory_format=torch.channels_last_3d)
-        return x
+    @property
+    def inference_outputs(self) -> tuple[str, ...] | None:
+        return None if self.segment_at_inference else ("chi",)
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -200,7 +183,8 @@ class PedQNet(QSMMethod):
                                 f"labels 0..{len(self.label_lut) - 1}")
         return self.label_lut.to(lab.device)[lab]
 
-    def _with_classes(self, batch):
+    def prepare_batch(self, batch):
+        """The batch with its anatomical ``seg`` labels mapped to this net's classes."""
         if batch.get("seg") is None:
             return batch
         return dataclasses.replace(batch, seg=self.map_labels(batch.seg))
@@ -210,27 +194,25 @@ class PedQNet(QSMMethod):
         """UNETR logits of chi (network units) [B, 1, X, Y, Z]: directly at ``seg_img_size``, else
         Gaussian-blended sliding windows of that size."""
         size = tuple(self.seg_net.fixed_input_size)
-        x = self._memory_format(chi.detach() if self.detach_seg_input else chi)
+        x = self.memory_format(chi.detach() if self.detach_seg_input else chi)
         if tuple(x.shape[-3:]) == size:
             return self.seg_net(x)
-        from monai.inferers import sliding_window_inference
+        return sliding_windows(self.seg_net, x, size, self.options.sw_overlap, batch_size=SW_BATCH)["out"]
 
-        return sliding_window_inference(x, size, sw_batch_size=SW_BATCH, predictor=self.seg_net,
-                                        overlap=float(self.hparams.get("sw_overlap", 0.25)), mode="gaussian")
-
-    def run_network(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run_network(self, x: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
         """``{"chi": the recon net's output (masked), "seg_logits": UNETR on the reconstructed chi}``.
 
         With ``model.prior`` the input's last channel is the prior (TKD, network units, masked) and the
         reconstructed chi is ``net(x) + prior``: the UNETR segments that sum, while ``"chi"`` returned here
         is the network's part only, because the base adds the prior to the primary output once, after the
-        network (:meth:`QSMMethod.infer_images`). So the prior enters chi exactly once, and the segmentation
+        network (:meth:`QSMMethod.outputs_to_chi`). The UNETR runs in training and when ``ctx`` wants
+        ``seg_logits`` (evaluation; prediction with ``segment_at_inference``). So the prior enters chi exactly once, and the segmentation
         loss back-propagates through the same chi the data-consistency loss sees.
         """
-        x = self._memory_format(x)
+        x = self.memory_format(x)
         chi = self.net(x) * (x[:, 1:2] > 0.5)
         out = {"chi": chi}
-        if self.training or self.segment_at_inference or self._evaluating:
+        if self.training or ctx.wants("seg_logits"):
             full = chi + x[:, -1:] if self.prior_channels else chi
             out["seg_logits"] = self.segment(full)
         return out
@@ -238,9 +220,7 @@ class PedQNet(QSMMethod):
     # -- training and evaluation --------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        dm = getattr(self.trainer, "datamodule", None)
-        rows = getattr(dm, "rows", {}).get("train") if dm is not None else None
-        shapes = [r.subject for r in rows or [] if getattr(r, "group", "") == "shapes"]
+        shapes = [r.subject for r in self.training_rows() or [] if getattr(r, "group", "") == "shapes"]
         if shapes and self.loss_config.lambda_seg > 0:
             raise QSMInputError(f"PedQNet: training subjects {shapes[:3]} are random-shape phantoms whose seg labels "
                                 "are shapes, not anatomy; train on anatomical subjects (data.train_subjects)")
@@ -251,147 +231,19 @@ class PedQNet(QSMMethod):
                                 f"column 'seg'); batch {batch.key[:2]} has none (or set model.loss.lambda_seg 0)")
         size = tuple(self.seg_net.fixed_input_size)
         if tuple(batch.field.shape[-3:]) != size:
-            self._warn_once("patch", f"PedQNet: training patches {tuple(batch.field.shape[-3:])} differ from the "
+            self.warn_once("patch", f"PedQNet: training patches {tuple(batch.field.shape[-3:])} differ from the "
                                      f"UNETR size {size} (model.seg_img_size); set data.patch_size to it")
-        return super().training_step(self._with_classes(batch), batch_idx)
+        return super().training_step(batch, batch_idx)
 
-    def _evaluate(self, stage: str, batch, batch_idx: int):
-        batch = self._with_classes(batch)
-        self._evaluating = True
-        try:
-            pred = super()._evaluate(stage, batch, batch_idx)
-        finally:
-            self._evaluating = False
-        if pred is not None and "seg_logits" in pred and batch.get("seg") is not None:
-            d = dice_per_volume(pred["seg_logits"], batch.seg)
+    def score_volume(self, stage: str, batch, outputs) -> None:
+        if "seg_logits" in outputs and batch.get("seg") is not None:
+            d = dice_per_volume(outputs["seg_logits"], batch.seg)
             d = d[torch.isfinite(d)]
             if d.numel():
                 getattr(self, f"{stage}_dice").update(d)
-        return pred
 
-    def _log_epoch(self, stage: str) -> None:
-        super()._log_epoch(stage)
+    def epoch_values(self, stage: str) -> dict[str, torch.Tensor]:
         metric = getattr(self, f"{stage}_dice")
-        if metric.update_count:
-            self.log(f"{stage}/dice", metric.compute().float(), sync_dist=False)
+        values = {f"{stage}/dice": metric.compute()} if metric.update_count else {}
         metric.reset()
-
-
-class BrainMaskNet(QSMMethod):
-    """Brain masking by UNETR: magnitude -> mask (Dice + CE against the batch's ``mask``).
-
-    The magnitude is divided by its 99th percentile over the patch / volume (no mask exists yet);
-    the output ``mask`` is ``argmax`` of the two-class logits (0/1), ``mask_logits`` the logits. Full
-    volumes go through sliding windows of ``img_size`` (UNETR's fixed input size). B0 plays no part
-    (a magnitude image), so only a voxel size > 25 % off the training one is resampled.
-
-    Args:
-        img_size: UNETR input size = training patch size (multiples of 16).
-        feature_size, hidden_size, mlp_dim, num_heads: UNETR width.
-        lambda_dice, lambda_ce: the two parts of the loss.
-        **kwargs: common :class:`qsmlab.methods.base.QSMMethod` arguments.
-    """
-
-    name = "brainmask"
-    inputs = ("magnitude",)
-    outputs = {"mask_logits": "logits"}
-    primary_output = "mask"
-
-    def __init__(self, img_size: int | Sequence[int] = 64, feature_size: int = 8, hidden_size: int = 96,
-                 mlp_dim: int = 192, num_heads: int = 4, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
-                 metrics: list[str] | None = None, **kwargs):
-        super().__init__(metrics=metrics or ["nrmse"], **kwargs)
-        self.net = BrainMaskUNETR(img_size=_img_size(img_size), feature_size=feature_size, hidden_size=hidden_size,
-                                  mlp_dim=mlp_dim, num_heads=num_heads)
-        self.loss_fn = CompositeLoss({
-            "seg": (DiceCELoss(output="mask_logits", target="mask", lambda_dice=lambda_dice, lambda_ce=lambda_ce),
-                    1.0)})
-        self.val_dice, self.test_dice = MeanMetric(), MeanMetric()
-        self.save_method_hyperparameters()
-
-    @property
-    def scale(self) -> float:  # no field enters or leaves this network
-        return 1.0
-
-    def network_input(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        mag = images.get("magnitude")
-        if mag is None:
-            raise QSMInputError("BrainMaskNet needs the magnitude image (--magnitude)")
-        return normalise_magnitude(mag.float())
-
-    def _mask_outputs(self, out, mask):
-        return out
-
-    def _sliding_window(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from monai.inferers import sliding_window_inference
-
-        out = sliding_window_inference(x, self.fixed_input_size, sw_batch_size=SW_BATCH, predictor=self._run_padded,
-                                       overlap=float(self.hparams.get("sw_overlap", 0.25)), mode="gaussian")
-        return dict(out) if isinstance(out, Mapping) else {"mask_logits": out}
-
-    def _frame(self, shape, voxel_size, b0_dir):
-        return make_frame(shape, voxel_size, b0_dir, None, self.train_voxel_size.cpu().numpy())
-
-    def _ensure_statistics(self, batch) -> None:
-        if not torch.all(torch.isfinite(self.train_voxel_size)):
-            self.set_statistics(1.0, None, np.median(batch.voxel_size.detach().cpu().numpy(), axis=0))
-
-    def on_fit_start(self) -> None:
-        if torch.all(torch.isfinite(self.train_voxel_size)):
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        rows = getattr(dm, "rows", {}).get("train") if dm is not None else None
-        if rows:  # only the voxel size matters here (field_scale is unused: 1)
-            self.set_statistics(1.0, None, np.median(np.asarray([r.voxel_size for r in rows], float), axis=0))
-
-    @torch.no_grad()
-    def infer_arrays(self, images: Mapping[str, np.ndarray], voxel_size, b0_dir) -> dict[str, np.ndarray]:
-        """``{"mask": 0/1 (X, Y, Z), "mask_logits": (2, X, Y, Z)}`` of a magnitude image."""
-        mag = np.asarray(images["magnitude"], dtype=np.float32)
-        work = {"magnitude": mag, "mask": np.ones(mag.shape, np.float32)}
-        out = super().infer_arrays(work, voxel_size, b0_dir)
-        logits = out["mask_logits"]
-        return {"mask": (logits[1] > logits[0]).astype(np.float32), "mask_logits": logits}
-
-    def predict_batch(self, batch) -> dict[str, torch.Tensor]:
-        out = super().predict_batch(batch)
-        logits = out["mask_logits"]
-        out["mask"] = (logits[:, 1:2] > logits[:, 0:1]).to(logits.dtype)
-        return out
-
-    def _evaluate(self, stage: str, batch, batch_idx: int):
-        if not self._owns(batch_idx):
-            return None
-        pred = self.predict_batch(batch)
-        d = dice_per_volume(pred["mask_logits"].float(), (batch.mask > 0.5).long())
-        d = d[torch.isfinite(d)]
-        if d.numel():
-            getattr(self, f"{stage}_dice").update(d)
-        total, _ = self.loss_fn(pred, batch, None)
-        getattr(self, f"{stage}_loss").update(total.detach())
-        return pred
-
-    def _log_epoch(self, stage: str) -> None:
-        values = {f"{stage}/loss": getattr(self, f"{stage}_loss").compute()}
-        metric = getattr(self, f"{stage}_dice")
-        if metric.update_count:
-            values[f"{stage}/dice"] = metric.compute()
-        for m in (metric, getattr(self, f"{stage}_loss")):
-            m.reset()
-        finite = {k: v.float() for k, v in values.items() if torch.isfinite(v)}
-        if finite:
-            self.log_dict(finite, sync_dist=False)
-
-    def _log_slices(self, batch, pred) -> None:
-        if not self.hparams.get("log_images", True) or self._trainer is None or self.trainer.sanity_checking:
-            return
-        if not self.loggers or self._image_logged_step == self.global_step:
-            return
-        from qsmlab.methods.images import log_figure, slice_figure
-
-        self._image_logged_step = self.global_step
-        mag = batch.magnitude[0, 0].float().cpu().numpy()
-        fig = slice_figure(mag, pred["mask"][0, 0].float().cpu().numpy(), batch.mask[0, 0].float().cpu().numpy(),
-                           None, title=f"BrainMaskNet {batch.key[0] if batch.key else ''} step {self.global_step}")
-        log_figure(self.loggers, fig, "val/slices", int(self.global_step))
-
+        return values

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, GradientDifferenceLoss
-from qsmlab.methods.base import QSMMethod, as_dataclass
+from qsmlab.methods.base import QSMMethod
+from qsmlab.methods.options import as_dataclass
 from qsmlab.models import QSMnetUNet
 
 
@@ -75,10 +76,11 @@ class QSMnet(QSMMethod):
                  loss: QSMnetLoss | None = None, **kwargs):
         super().__init__(**kwargs)
         self.loss_config = as_dataclass(QSMnetLoss, loss)
-        self.net = QSMnetUNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1, width=width,
-                              depth=depth, kernel_size=kernel_size, negative_slope=negative_slope)
+        self.net = self.prepare_network(QSMnetUNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1,
+                                                   width=width, depth=depth, kernel_size=kernel_size,
+                                                   negative_slope=negative_slope))
         self.loss_fn = build_qsmnet_loss(self.loss_config)
-        self.save_method_hyperparameters()
+        self.save_method_hyperparameters(locals())
 
     def training_step(self, batch, batch_idx: int):
         if batch.chi is None:

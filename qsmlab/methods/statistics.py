@@ -85,3 +85,10 @@ def training_statistics(rows) -> dict[str, np.ndarray | float]:
         "b0_dir": common_b0_dir([r.b0_dir for r in rows]),
         "voxel_size": np.median(np.asarray([r.voxel_size for r in rows], dtype=np.float64), axis=0),
     }
+
+
+def batch_statistics(batch) -> list:
+    """``[field_scale, b0_dir, voxel_size]`` (plain lists, to broadcast across ranks) of one training batch."""
+    scale = robust_std(batch.field[batch.mask > 0.5].detach().float().cpu().numpy())
+    return [scale, common_b0_dir(batch.b0_dir.detach().float().cpu().numpy()).tolist(),
+            np.median(batch.voxel_size.detach().float().cpu().numpy(), axis=0).tolist()]

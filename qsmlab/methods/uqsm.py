@@ -22,7 +22,8 @@ import torch
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import DATA_CONSISTENCY_KINDS, CompositeLoss, DataConsistencyLoss, TVLoss
-from qsmlab.methods.base import QSMMethod, as_dataclass
+from qsmlab.methods.base import QSMMethod
+from qsmlab.methods.options import as_dataclass
 from qsmlab.models import UQSMNet
 
 
@@ -77,10 +78,10 @@ class UQSM(QSMMethod):
                  loss: UQSMLoss | None = None, **kwargs):
         super().__init__(**kwargs)
         self.loss_config = as_dataclass(UQSMLoss, loss)
-        self.net = UQSMNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1, depth=depth, width=width,
-                           upsample=upsample, norm=norm)
+        self.net = self.prepare_network(UQSMNet(in_channels=len(self.inputs) + self.prior_channels, out_channels=1,
+                                                depth=depth, width=width, upsample=upsample, norm=norm))
         self.loss_fn = build_uqsm_loss(self.loss_config)
-        self.save_method_hyperparameters()
+        self.save_method_hyperparameters(locals())
 
     @property
     def requires(self) -> tuple[str, ...]:  # what the loss reads beyond the inputs

@@ -1,10 +1,10 @@
-"""Full-volume inference helpers: padding to a network's size multiple, and the inference frame.
+"""Padding to a network's size multiple, and the inference frame (B0 direction and voxel size).
 
 Two things stand between an arbitrary input volume and a network trained on patches:
 
 - **Grid size.** Encoder-decoders need every axis divisible by ``2**depth``: :func:`pad_to_multiple`
   pads (symmetrically, zeros or replicated edges) and :func:`crop` undoes it. Volumes too large for one
-  pass go through MONAI's ``sliding_window_inference`` with Gaussian blending (in the base class).
+  pass go through Gaussian-blended sliding windows (:mod:`qsmlab.methods.inference.network`).
 - **Geometry.** A network sees voxels, not B0: trained on axial B0 it has learned the dipole pattern of
   axial B0 only (and of the training voxel size). :class:`Frame` resamples the inputs into a grid whose
   B0 direction is the training one (a rotation about the volume centre, in mm) and, when the voxel size
