@@ -258,3 +258,25 @@ def test_bids_one_failure_does_not_stop_the_others(raw, tmp_path, capsys):
     assert line.startswith("qsmlab bids: error: sub-02: ")
     assert (tmp_path / "o/sub-01/ses-1/anat/sub-01_ses-1_run-1_Chimap.nii.gz").is_file()
     assert "sub-01" in (tmp_path / "o/manifest.csv").read_text()
+
+
+def test_hybrid_manifest_trains_uqsm_tv(prepared, tmp_path, monkeypatch):
+    """qsmlab bids' manifest + a synthetic one -> manifest merge -> one fast_dev_run step of uqsm_tv, trained
+    on the in-vivo fields without labels beside the synthetic rows."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _datasets import make_dataset
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    syn = make_dataset(tmp_path / "syn", n_subjects=1, shape=(24, 24, 24), voxel_size=(4.0, 4.0, 4.0),
+                       sources=["synthetic"])
+    hybrid = tmp_path / "hybrid.csv"
+    assert main(["manifest", "merge", str(syn), str(prepared / "manifest.csv"), "-o", str(hybrid)]) == 0
+    assert main(["manifest", "check", str(hybrid)]) == 0
+    argv = ["fit", "uqsm_tv", "--data.manifest", str(hybrid), "--data.patch_size", "16",
+            "--data.samples_per_volume", "1", "--data.queue_length", "2", "--data.batch_size", "2",
+            "--data.train_subjects", "[sub-00, sub-01, sub-02]", "--data.val_subjects", "[]",
+            "--trainer.fast_dev_run", "1", "--trainer.val_check_interval", "1", "--loggers", "csv"]
+    assert main(argv) == 0

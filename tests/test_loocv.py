@@ -81,3 +81,64 @@ def test_loocv_refuses_a_single_subject_manifest(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 2 subjects, found 1 (sub-00)" in err
     assert not Path(tmp_path, "runs", "loocv-tiny", "folds").exists()
+
+
+def _hybrid(root: Path) -> Path:
+    """2 synthetic subjects (with chi) + 2 in-vivo subjects without a reference chi, merged by the CLI."""
+    syn = make_dataset(root / "syn", n_subjects=2, shape=(16, 16, 16), sources=["synthetic"] * 2)
+    iv = make_dataset(root / "iv", n_subjects=2, shape=(16, 16, 16), sources=["invivo"] * 2)
+    df = pd.read_csv(iv, dtype=str, keep_default_na=False)
+    df["subject"] = ["iv-a", "iv-b"]
+    df["chi"] = ""
+    df.to_csv(iv, index=False)
+    out = root / "hybrid" / "hybrid.csv"
+    assert main(["manifest", "merge", str(syn), str(iv), "-o", str(out)]) == 0
+    return out
+
+
+def test_manifest_merge(tmp_path, capsys):
+    from qsmlab.data.manifest import load_manifest
+
+    out = _hybrid(tmp_path)
+    assert "4 rows (2 synthetic, 2 in-vivo), 4 subjects" in capsys.readouterr().out
+    t = load_manifest(out)  # paths were rewritten relative to the merged file's folder
+    assert [r.subject for r in t] == ["sub-00", "sub-01", "iv-a", "iv-b"]
+    assert t.rows[0].field.resolve() == (tmp_path / "syn" / "sub-00" / "run-0" / "field.nii.gz").resolve()
+    assert t.rows[2].chi is None and t.rows[2].source == "invivo"
+    # the same scan in two inputs: one line naming both files
+    assert main(["manifest", "merge", str(out), str(tmp_path / "syn" / "manifest.csv"), "-o", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hybrid.csv" in err and "also in" in err and "syn/manifest.csv" in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_loocv_hybrid_holds_out_invivo_without_reference(tmp_path, monkeypatch):
+    """Only in-vivo subjects are held out; without a reference chi the table has data consistency and
+    agreement with the classical default, never PSNR/NRMSE against a chi that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    m = _hybrid(tmp_path)
+    exp = write_tiny_experiment(tmp_path, m, epochs=1, val=[])
+    assert main(["loocv", str(exp), "--manifest", str(m), "--loggers", "csv", "--tv-alphas", "1e-3,1e-2"]) == 0
+    out = tmp_path / "runs" / "loocv-tiny"
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    assert [f["test"] for f in folds] == [["iv-a"], ["iv-b"]]
+    assert all({"sub-00", "sub-01"} <= set(f["train"]) for f in folds)  # synthetic rows always train
+    res = pd.read_csv(out / "loocv_folds.csv")
+    assert sorted(set(res["method"])) == ["TKD", "TV", "tiny"]
+    assert res[["dc", "nrmse_vs_classical", "corr_vs_classical"]].notna().all().all()
+    assert "psnr" not in res or res["psnr"].isna().all()
+    table = pd.read_csv(out / "loocv_table.csv")
+    assert "dc_mean" in table and "psnr_mean" not in table
+    # dc is what it says: 100 ||M (A chi - f)|| / ||M f|| of the saved prediction
+    from qsmlab.physics import DipoleOperator
+
+    d = m.parent.parent / "iv" / "sub-00" / "run-0"
+    field = np.asarray(nib.load(d / "field.nii.gz").dataobj)
+    mask = np.asarray(nib.load(d / "mask.nii.gz").dataobj) > 0
+    pred = np.asarray(nib.load(out / "folds" / "loso-iv-a" / "pred" / "iv-a_0_chi.nii.gz").dataobj)
+    r = (DipoleOperator((1.0, 1.0, 1.0), (0.0, 0.0, 1.0), pad_factor=2.0).A(pred * mask) - field * mask) * mask
+    row = res[(res["subject"] == "iv-a") & (res["method"] == "tiny")].iloc[0]
+    assert row["dc"] == pytest.approx(100 * np.linalg.norm(r) / np.linalg.norm(field * mask), rel=1e-3)
+    # TKD of a noise-free field agrees with TV far better than an unrelated map would
+    assert res[res["method"] == "TKD"]["corr_vs_classical"].min() > 0.5

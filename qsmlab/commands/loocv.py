@@ -27,8 +27,13 @@ example:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name (experiments/<name>.yaml) or YAML path")
-    p.add_argument("--manifest", required=True, metavar="M",
-                   help="manifest CSV with at least 2 subjects, each held-out scan with a reference chi")
+    p.add_argument("--manifest", default=None, metavar="M",
+                   help="manifest CSV with at least 2 in-vivo subjects (synthetic rows always train); a held-out "
+                        "scan without a reference chi is scored by data consistency and agreement with the "
+                        "classical default")
+    p.add_argument("--demo", action="store_true",
+                   help="no manifest: 4 in-vivo-like heads written as BIDS, prepared by qsmlab bids, held out "
+                        "one at a time beside the embedded synthetic rows (qsmlab.lab.loocv_demo)")
     p.add_argument("--profile", default=None, help="experiment profile (default: quick when defined)")
     p.add_argument("--params", default=None, metavar="best-of:STUDY",
                    help="start from the best trial's parameters of a sweep study")
@@ -47,6 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from qsmlab.lab.loocv import numeric_overrides, run_loocv
     from qsmlab.lab.tracking import parse_logger_names
 
+    from qsmlab.errors import QSMInputError
+
+    if args.demo or args.manifest is None:
+        if args.manifest is not None:
+            raise QSMInputError("--demo builds its own manifest; drop --manifest or --demo")
+        if not args.demo:
+            raise QSMInputError("--manifest M is required (or --demo for the embedded leave-one-out demo)")
+        from qsmlab.lab.loocv_demo import run_demo
+
+        run_demo(args.experiment, out=args.out, profile=args.profile, params=args.params, storage=args.storage,
+                 workers=args.workers, fold=args.fold, loggers=parse_logger_names(args.loggers), quiet=args.quiet,
+                 overrides=numeric_overrides(split_overrides(getattr(args, "extra", []) or [])))
+        return 0
     run_loocv(args.experiment, args.manifest, profile=args.profile, params=args.params, storage=args.storage,
               workers=args.workers, fold=args.fold, out=args.out, loggers=parse_logger_names(args.loggers),
               overrides=numeric_overrides(split_overrides(getattr(args, "extra", []) or [])), quiet=args.quiet,

@@ -308,3 +308,44 @@ def check_manifest(path: str | Path) -> list[str]:
     """Every problem in a manifest, one line each (empty list = valid)."""
     _, problems = _validate(path, check_files=True, first=False)
     return problems
+
+
+def merge_manifests(inputs, output: str | Path) -> Path:
+    """Merge manifests into ``output`` (a hybrid manifest): every input validated, image paths rewritten
+    relative to the output's folder, rows in input order. A scan key ``(subject, session, run)`` found in
+    two inputs raises :class:`QSMInputError` naming both files. Written atomically; returns its path."""
+    import csv
+    import io
+    import os
+
+    from qsmlab.data.nifti import atomic_write_text
+
+    out = Path(output)
+    if len(inputs) < 2:
+        raise QSMInputError(f"manifest merge: expected at least two manifests, got {len(inputs)}")
+    base = out.resolve().parent
+    seen: dict[tuple[str, str, str], Path] = {}
+    rows: list[dict] = []
+    for src in inputs:
+        load_manifest(src)  # every problem of an input is reported against that input
+        p = Path(src)
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df.columns = [str(c).strip() for c in df.columns]
+        for rec in df.to_dict("records"):
+            rec = {c: str(rec.get(c, "")).strip() for c in COLUMNS}
+            key = (rec["subject"], rec["session"], rec["run"])
+            if key in seen:
+                raise QSMInputError(f"{p}: scan (subject, session, run) = {key} is also in {seen[key]}; "
+                                    "rename one subject before merging")
+            seen[key] = p
+            for c in IMAGE_COLUMNS:
+                if rec[c]:
+                    q = Path(rec[c])
+                    q = q if q.is_absolute() else p.resolve().parent / q
+                    rec[c] = os.path.relpath(q.resolve(), base)
+            rows.append(rec)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(out, buf.getvalue())

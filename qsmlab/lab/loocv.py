@@ -27,12 +27,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from qsmlab.errors import QSMInputError
 from qsmlab.lab import config as C
 
 TABLE_METRICS = ("psnr", "nrmse", "hfen", "ssim")
+NO_REFERENCE_METRICS = ("dc", "nrmse_vs_classical", "corr_vs_classical")
+"""Scores of every held-out scan, the only ones of a scan without a reference chi (never a fake PSNR):
+``dc`` = 100 ||M (A chi - f)|| / ||M f|| (%, data consistency with the scan's own local field), and the
+NRMSE (%) and Pearson correlation inside the mask against the classical default (the pipeline's TV with
+alpha by the discrepancy principle, :func:`classical_default`)."""
 RUNS_DIR = Path("runs")
 
 
@@ -73,12 +79,9 @@ def plan(experiment: str, manifest: str, *, profile: str | None, overrides: Sequ
     if len(table.subjects) < 2:
         raise QSMInputError(f"--manifest {manifest}: leave-one-out needs at least 2 subjects, found "
                             f"{len(table.subjects)} ({', '.join(table.subjects)})")
-    folds = loso_folds(table)
-    for f in folds:
-        missing = [r.key for r in table.select(f.test) if r.chi is None]
-        if missing:
-            raise QSMInputError(f"--manifest {manifest}: held-out scan {missing[0]} has no reference chi "
-                                "(column chi) to score against")
+    folds = loso_folds(table)  # in-vivo subjects are held out; synthetic rows always train
+    # A held-out scan without a reference chi (an in-vivo scan from qsmlab bids) is scored by data
+    # consistency and agreement with the classical default instead (:func:`score_without_reference`).
     data = cfg["data"].get("init_args", cfg["data"])
     for k in ("train_subjects", "val_subjects", "test_subjects"):
         data.pop(k, None)  # the folds file decides the splits
@@ -86,6 +89,40 @@ def plan(experiment: str, manifest: str, *, profile: str | None, overrides: Sequ
     folds_file = write_folds(out / "folds.json", folds, table)
     C.set_dotted(cfg, "data.folds", str(folds_file.resolve()), create=True)
     return cfg, folds, folds_file
+
+
+def classical_default(scan) -> np.ndarray:
+    """The pipeline's default inversion on the scan's local field: TV, alpha ``auto`` (qsmlab.recon)."""
+    import warnings
+
+    from qsmlab.recon import registry
+    from qsmlab.recon.pipeline import DEFAULT_INVERSION
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return registry.get("inversion", DEFAULT_INVERSION)(
+            scan.field, scan.mask, voxel_size=scan.voxel_size, b0_dir=scan.b0_dir, magnitude=scan.magnitude,
+            quiet=True)
+
+
+def score_without_reference(scan, maps: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per method: data consistency ``dc`` (%) and agreement with :func:`classical_default` (see
+    :data:`NO_REFERENCE_METRICS`); maps are chi (ppm) on the scan's grid."""
+    from qsmlab.metrics import nrmse
+    from qsmlab.physics import DipoleOperator
+
+    m = scan.mask
+    op = DipoleOperator(voxel_size=scan.voxel_size, b0_dir=scan.b0_dir, pad_factor=2.0)
+    f = scan.field * m
+    ref = classical_default(scan)
+    out = {}
+    for name, chi in maps.items():
+        r = (op.A(chi * m) - f) * m
+        a, b = chi[m] - chi[m].mean(), ref[m] - ref[m].mean()
+        corr = float((a * b).sum() / max(np.sqrt((a**2).sum() * (b**2).sum()), 1e-30))
+        out[name] = {"dc": float(100 * np.linalg.norm(r) / max(np.linalg.norm(f), 1e-30)),
+                     "nrmse_vs_classical": float(nrmse(chi, ref, m)), "corr_vs_classical": corr}
+    return out
 
 
 def _held_out_predictions(fold_dir: Path, exp_name: str):
@@ -106,7 +143,8 @@ def _held_out_predictions(fold_dir: Path, exp_name: str):
                 chi = chi_of(model.predict_step(move_data_to_device(batch, model.device), 0))[0, 0].float().cpu().numpy()
                 key = batch.key[0]
                 save_nifti(fold_dir / "pred" / f"{key.replace('/', '_')}_chi.nii.gz", chi, affine=batch.affine[0].numpy())
-                m = compute_all(chi, batch.chi[0, 0].numpy(), batch.mask[0, 0].numpy() > 0)
+                ref = batch.get("chi")
+                m = compute_all(chi, ref[0, 0].numpy(), batch.mask[0, 0].numpy() > 0) if ref is not None else {}
                 rows.append({"scan": key, "method": exp_name, **m})
         pd.DataFrame(rows).to_csv(fold_dir / "learned.csv", index=False)
     return hook
@@ -140,8 +178,22 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
     rows = []
     for r in table.select(fold.test):
         scan = B.load_scan(r)
-        rows.append({"scan": scan.key, "method": "TKD", **compute_all(B.tkd(scan), scan.chi, scan.mask)})
-        rows.append({"scan": scan.key, "method": "TV", "tv_alpha": alpha, **grid.metrics(scan, alpha)})
+        maps = {"TKD": B.tkd(scan), "TV": B.tv(scan, alpha)}
+        if scan.chi is not None:
+            rows.append({"scan": scan.key, "method": "TKD", **compute_all(maps["TKD"], scan.chi, scan.mask)})
+            rows.append({"scan": scan.key, "method": "TV", "tv_alpha": alpha, **grid.metrics(scan, alpha)})
+        else:
+            rows += [{"scan": scan.key, "method": "TKD"}, {"scan": scan.key, "method": "TV", "tv_alpha": alpha}]
+        pred = fold_dir / "pred" / f"{scan.key.replace('/', '_')}_chi.nii.gz"
+        if pred.is_file():
+            from qsmlab.data.nifti import load_nifti
+
+            maps[exp_name] = load_nifti(pred, np.float32).data
+        extra = score_without_reference(scan, maps)
+        for row in rows[-2:]:
+            row.update(extra[row["method"]])
+        for k, v in extra.get(exp_name, {}).items():
+            learned.loc[learned["scan"] == scan.key, k] = v
     frame = pd.concat([learned, pd.DataFrame(rows)], ignore_index=True)
     frame.insert(0, "fold", fold.name)
     frame.insert(1, "subject", held)
@@ -158,6 +210,9 @@ def aggregate(frames: Sequence[pd.DataFrame], out: Path, metrics: Sequence[str] 
 
     allf = pd.concat(frames, ignore_index=True)
     allf.to_csv(out / "loocv_folds.csv", index=False)
+    # Only scores that exist: held-out scans without a reference chi have no PSNR/NRMSE/HFEN/SSIM
+    metrics = [k for k in metrics if k in allf and allf[k].notna().any()]
+    metrics += [k for k in NO_REFERENCE_METRICS if k in allf and allf[k].notna().any() and k not in metrics]
     # one value per fold and method (mean over the held-out subject's scans)
     per_fold = allf.groupby(["fold", "method"], sort=False)[list(metrics)].mean().reset_index()
     methods = list(dict.fromkeys(per_fold["method"]))
@@ -174,7 +229,8 @@ def aggregate(frames: Sequence[pd.DataFrame], out: Path, metrics: Sequence[str] 
     shown = pd.DataFrame({"method": table["method"], "folds": table["folds"],
                           **{k.upper(): [f"{a:.3g} ± {b:.2g}" for a, b in zip(table[f"{k}_mean"], table[f"{k}_sd"])]
                              for k in metrics}})
-    units = {"psnr": "dB", "nrmse": "%", "hfen": "%", "ssim": ""}
+    units = {"psnr": "dB", "nrmse": "%", "hfen": "%", "ssim": "", "dc": "%", "nrmse_vs_classical": "%",
+             "corr_vs_classical": ""}
     md = ["# Leave-one-subject-out", "", f"{len(set(allf['fold']))} folds; mean ± sd over folds, full held-out "
           "volumes inside the mask (" + ", ".join(f"{k.upper()} {u}".strip() for k, u in units.items() if k in metrics)
           + ").", "", markdown_table(shown), "", "![box plot](loocv_box.png)", ""]
@@ -218,8 +274,10 @@ def run_loocv(experiment: str, manifest: str, *, profile: str | None = None, par
             t0 = time.time()
             fr = run_fold(cfg, folds[i], i, out, exp_name, loggers=loggers, profile=profile, tv_alphas=tv_alphas)
             if not quiet:
-                nr = fr.groupby("method")["nrmse"].mean()
-                print(f"[loocv {exp_name}] fold {i} ({folds[i].name}) done in {time.time() - t0:.0f} s: NRMSE "
+                k = "nrmse" if "nrmse" in fr and fr["nrmse"].notna().any() else "dc"
+                nr = fr.groupby("method", sort=False)[k].mean()
+                print(f"[loocv {exp_name}] fold {i} ({folds[i].name}) done in {time.time() - t0:.0f} s: "
+                      f"{'NRMSE' if k == 'nrmse' else 'data consistency'} "
                       + ", ".join(f"{m} {v:.1f} %" for m, v in nr.items()), flush=True)
     frames = [pd.read_csv(p) for f in folds if (p := out / "folds" / f.name / "result.csv").is_file()]
     if not frames:
