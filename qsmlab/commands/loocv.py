@@ -48,11 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qsmlab.errors import QSMInputError
     from qsmlab.lab.cli import split_overrides
     from qsmlab.lab.loocv import numeric_overrides, run_loocv
     from qsmlab.lab.tracking import parse_logger_names
-
-    from qsmlab.errors import QSMInputError
 
     if args.demo or args.manifest is None:
         if args.manifest is not None:
