@@ -86,46 +86,17 @@ def _phase_scale(args, field_path) -> float | None:
 def run(args) -> int:
     import json
 
-    import numpy as np
-
     from qsmlab import __version__
-    from qsmlab.data.nifti import (
-        atomic_write_text,
-        check_finite,
-        check_mask,
-        check_ndim,
-        check_same_grid,
-        load_nifti,
-        save_nifti,
-    )
+    from qsmlab.commands.scan_inputs import load_scan, output_path
+    from qsmlab.data.nifti import atomic_write_text, save_nifti
     from qsmlab.errors import QSMInputError
-    from qsmlab.physics.geometry import normalize_b0_dir, sidecar_path
+    from qsmlab.physics.geometry import sidecar_path
 
-    out = str(args.output)
-    if not (out.endswith(".nii") or out.endswith(".nii.gz")):
-        raise QSMInputError(f"-o {out}: output must end in .nii or .nii.gz")
+    out = output_path(args)
     if args.iterations < 1:
         raise QSMInputError(f"--iterations {args.iterations}: expected a positive integer")
-    field = load_nifti(args.field, what="--field")
-    check_ndim(field, (3,), "field")
-    check_finite(field)
-    mvol = load_nifti(args.mask, what="--mask")
-    check_same_grid(field, mvol)
-    mask = check_mask(mvol)
-    mag = None
-    if args.magnitude:
-        mv = load_nifti(args.magnitude, what="--magnitude")
-        check_ndim(mv, (3,), "magnitude")
-        check_finite(mv)
-        check_same_grid(field, mv)
-        mag = mv.data
-    b0 = normalize_b0_dir(args.b0_dir, what="--b0-dir") if args.b0_dir else field.b0_dir()
-    if args.voxel_size is not None:
-        vs = np.asarray(args.voxel_size, dtype=np.float64)
-        if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-            raise QSMInputError(f"--voxel-size {args.voxel_size}: expected three positive numbers (mm)")
-    else:
-        vs = field.voxel_size
+    scan = load_scan(args, ("magnitude",))
+    field, mask, mag, b0, vs = scan.field, scan.mask, scan.images.get("magnitude"), scan.b0_dir, scan.voxel_size
     ps = _phase_scale(args, field.path)
     dc = args.dc
     if dc == "auto":

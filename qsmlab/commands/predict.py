@@ -75,17 +75,10 @@ def run(args) -> int:
     import numpy as np
 
     from qsmlab import __version__
-    from qsmlab.data.nifti import (
-        atomic_write_text,
-        check_finite,
-        check_mask,
-        check_ndim,
-        check_same_grid,
-        load_nifti,
-        save_nifti,
-    )
+    from qsmlab.commands.scan_inputs import load_scan, output_path
+    from qsmlab.data.nifti import atomic_write_text, save_nifti
     from qsmlab.errors import QSMInputError
-    from qsmlab.physics.geometry import normalize_b0_dir, sidecar_path
+    from qsmlab.physics.geometry import sidecar_path
 
     if args.config:
         return _delegate(args)
@@ -94,9 +87,7 @@ def run(args) -> int:
     for opt, v in (("--ckpt", args.ckpt), ("--field", args.field), ("--mask", args.mask), ("-o", args.output)):
         if not v:
             raise QSMInputError(f"{opt} is required (or --config for the platform's predict)")
-    out = str(args.output)
-    if not (out.endswith(".nii") or out.endswith(".nii.gz")):
-        raise QSMInputError(f"-o {out}: output must end in .nii or .nii.gz")
+    out = output_path(args)
 
     import torch
 
@@ -110,27 +101,8 @@ def run(args) -> int:
         raise QSMInputError(f"--device {args.device}: not available ({str(e).splitlines()[0]})") from None
     model = load_method(args.ckpt, method=args.method, map_location=str(device))
 
-    field = load_nifti(args.field, what="--field")
-    check_ndim(field, (3,), "field")
-    check_finite(field)
-    mvol = load_nifti(args.mask, what="--mask")
-    check_same_grid(field, mvol)
-    mask = check_mask(mvol)
-    extra = {}
-    for key, path in (("magnitude", args.magnitude), ("total_field", args.total_field)):
-        if path:
-            v = load_nifti(path, what=f"--{key.replace('_', '-')}")
-            check_ndim(v, (3,), key)
-            check_finite(v)
-            check_same_grid(field, v)
-            extra[key] = v.data
-    b0 = normalize_b0_dir(args.b0_dir, what="--b0-dir") if args.b0_dir else field.b0_dir()
-    if args.voxel_size is not None:
-        vs = np.asarray(args.voxel_size, dtype=np.float64)
-        if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-            raise QSMInputError(f"--voxel-size {args.voxel_size}: expected three positive numbers (mm)")
-    else:
-        vs = field.voxel_size
+    scan = load_scan(args, ("magnitude", "total_field"))
+    field, mask, extra, b0, vs = scan.field, scan.mask, scan.images, scan.b0_dir, scan.voxel_size
     chi = predict_volume(model, field.data, mask, voxel_size=vs, b0_dir=b0,
                          voxel_resampling=args.voxel_resampling, **extra)
     if not np.all(np.isfinite(chi)):

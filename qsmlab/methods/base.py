@@ -37,10 +37,8 @@ from qsmlab.methods.inference import (
     make_frame,
     needs_windows,
     normalise_inputs,
-    run_padded,
-    sliding_windows,
+    run_on_volume,
     tkd_prior,
-    window_roi,
 )
 from qsmlab.methods.module import MethodModule
 from qsmlab.methods.patches import interior, simulate_patch_fields
@@ -190,14 +188,8 @@ class QSMMethod(MethodModule):
                          outputs=self.inference_outputs if outputs is None else tuple(outputs), physics=physics)
         x = self.network_inputs(images, ctx)
         o = self.options
-
-        def padded(t):
-            return run_padded(lambda v: self.run_network(v, ctx), t, self.size_multiple, o.pad_mode)
-        if windows and self.needs_windows(x.shape[-3:]):
-            roi = window_roi(x.shape[-3:], self.size_multiple, self.fixed_input_size, o.sw_roi_size)
-            raw = sliding_windows(padded, x, roi, o.sw_overlap, name=list(self.outputs)[0])
-        else:
-            raw = padded(x)
+        raw = run_on_volume(lambda v: self.run_network(v, ctx), x, self.size_multiple, self.fixed_input_size, o.pad_mode,
+                            o.max_inference_voxels, o.sw_roi_size, o.sw_overlap, windows, name=list(self.outputs)[0])
         return self.outputs_to_chi(raw, x)
 
     def mask_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -304,24 +296,8 @@ class QSMMethod(MethodModule):
     def log_epoch(self, stage: str) -> None:
         self.log_values({**getattr(self, f"{stage}_scores").compute(stage), **self.epoch_values(stage)})
 
-    def validation_step(self, batch, batch_idx: int):
-        pred = self.evaluate_batch("val", batch, batch_idx)
-        if pred is not None and batch_idx == 0 and self.global_rank == 0:
-            ref = None if batch.chi is None else batch.chi[0, 0].float().cpu().numpy()
-            self.log_slices(batch.field[0, 0].float().cpu().numpy(), pred[self.primary_output][0, 0].float().cpu().numpy(),
-                            ref, batch.mask[0, 0].cpu().numpy() > 0.5, batch.key[0] if batch.key else "")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_epoch("val")
-
-    def test_step(self, batch, batch_idx: int):
-        self.evaluate_batch("test", batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_epoch("test")
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """``{"key": [...], "affine": [B, 4, 4], <outputs>: [B, C, X, Y, Z] (cpu)}`` for one volume batch."""
-        pred = self.predict_batch(batch)
-        return {"key": list(batch.key), "affine": batch.affine.cpu(),
-                **{k: v.detach().float().cpu() for k, v in pred.items()}}
+    def slice_images(self, batch, pred) -> tuple:
+        """Field, chi, reference chi and mask of the batch's first volume (ppm)."""
+        ref = None if batch.chi is None else batch.chi[0, 0].float().cpu().numpy()
+        return (batch.field[0, 0].float().cpu().numpy(), pred[self.primary_output][0, 0].float().cpu().numpy(), ref,
+                batch.mask[0, 0].cpu().numpy() > 0.5)

@@ -22,10 +22,8 @@ from qsmlab.losses import CompositeLoss, DiceCELoss
 from qsmlab.methods.inference import (
     infer_volume,
     make_frame,
-    needs_windows,
     normalise_magnitude,
-    run_padded,
-    sliding_windows,
+    run_on_volume,
 )
 from qsmlab.methods.module import MethodModule
 from qsmlab.methods.scores import dice_per_volume
@@ -99,15 +97,11 @@ class BrainMaskNet(MethodModule):
         if mag is None:
             raise QSMInputError("BrainMaskNet needs the magnitude image (--magnitude)")
         x = normalise_magnitude(mag.float())
-        size, multiple, o = self.net.fixed_input_size, self.net.size_multiple, self.options
-
-        def padded(t):
-            net_in = t.contiguous(memory_format=torch.channels_last_3d) if o.channels_last else t
-            return run_padded(lambda v: {"mask_logits": self.net(v)}, net_in, multiple, o.pad_mode)
-        if windows and needs_windows(x.shape[-3:], multiple, size, o.max_inference_voxels):
-            out = sliding_windows(padded, x, size, o.sw_overlap, batch_size=SW_BATCH, name="mask_logits")
-        else:
-            out = padded(x)
+        o = self.options
+        out = run_on_volume(lambda v: {"mask_logits": self.net(v.contiguous(memory_format=torch.channels_last_3d)
+                                                                if o.channels_last else v)},
+                            x, self.net.size_multiple, self.net.fixed_input_size, o.pad_mode, o.max_inference_voxels,
+                            overlap=o.sw_overlap, windows=windows, batch_size=SW_BATCH, name="mask_logits")
         return {k: v.float() for k, v in out.items()}
 
     def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None) -> dict[str, np.ndarray]:
@@ -160,23 +154,7 @@ class BrainMaskNet(MethodModule):
         loss.reset()
         self.log_values(values)
 
-    def validation_step(self, batch, batch_idx: int):
-        pred = self.evaluate_batch("val", batch, batch_idx)
-        if pred is not None and batch_idx == 0 and self.global_rank == 0:
-            self.log_slices(batch.magnitude[0, 0].float().cpu().numpy(), pred["mask"][0, 0].float().cpu().numpy(),
-                            batch.mask[0, 0].float().cpu().numpy(), None, batch.key[0] if batch.key else "")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_epoch("val")
-
-    def test_step(self, batch, batch_idx: int):
-        self.evaluate_batch("test", batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_epoch("test")
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """``{"key", "affine", "mask_logits", "mask"}`` (cpu) for one volume batch."""
-        pred = self.predict_batch(batch)
-        return {"key": list(batch.key), "affine": batch.affine.cpu(),
-                **{k: v.detach().float().cpu() for k, v in pred.items()}}
+    def slice_images(self, batch, pred) -> tuple:
+        """Magnitude, predicted mask, reference mask of the batch's first volume."""
+        return (batch.magnitude[0, 0].float().cpu().numpy(), pred["mask"][0, 0].float().cpu().numpy(),
+                batch.mask[0, 0].float().cpu().numpy(), None)

@@ -136,16 +136,42 @@ class MethodModule(L.LightningModule):
         if finite:
             self.log_dict(finite, sync_dist=False, prog_bar=False)
 
-    def log_slices(self, image: np.ndarray, pred: np.ndarray, ref: np.ndarray | None, mask: np.ndarray | None,
-                   key: str = "") -> None:
-        """Orthogonal slices (image, prediction, reference, error) to the loggers, once per validation step."""
+    def slice_images(self, batch, pred) -> tuple:
+        """(image, prediction, reference or None, mask or None) of the batch's first volume, (X, Y, Z) numpy,
+        for the logged slices (subclasses say which)."""
+        raise NotImplementedError
+
+    def log_slices(self, batch, pred) -> None:
+        """Orthogonal slices of :meth:`slice_images` to the loggers, once per validation step."""
         if not self.options.log_images or self._trainer is None or self.trainer.sanity_checking:
             return
         if not self.loggers or self._image_logged_step == self.global_step:
             return
         self._image_logged_step = self.global_step
-        fig = slice_figure(image, pred, ref, mask, title=f"{type(self).__name__} {key} step {self.global_step}")
+        key = batch.key[0] if batch.key else ""
+        fig = slice_figure(*self.slice_images(batch, pred), title=f"{type(self).__name__} {key} step {self.global_step}")
         log_figure(self.loggers, fig, "val/slices", int(self.global_step))
+
+    # -- Lightning steps on the subclass's evaluate_batch / log_epoch / predict_batch -----------------
+    def validation_step(self, batch, batch_idx: int):
+        pred = self.evaluate_batch("val", batch, batch_idx)
+        if pred is not None and batch_idx == 0 and self.global_rank == 0:
+            self.log_slices(batch, pred)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch("val")
+
+    def test_step(self, batch, batch_idx: int):
+        self.evaluate_batch("test", batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch("test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """``{"key": [...], "affine": [B, 4, 4], <outputs>: [B, C, X, Y, Z] (cpu)}`` for one volume batch."""
+        pred = self.predict_batch(batch)
+        return {"key": list(batch.key), "affine": batch.affine.cpu(),
+                **{k: v.detach().float().cpu() for k, v in pred.items()}}
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):

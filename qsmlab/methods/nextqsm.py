@@ -56,7 +56,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -66,7 +65,7 @@ from qsmlab.methods.background_inputs import harmonic_residual, smv_kernel, vsha
 from qsmlab.methods.base import QSMMethod
 from qsmlab.methods.inference import Context, infer_volume
 from qsmlab.methods.options import as_dataclass
-from qsmlab.methods.statistics import masked_sample, robust_std
+from qsmlab.methods.statistics import field_scale_of_rows, robust_std
 from qsmlab.metrics import VolumeMetrics
 from qsmlab.models import NeXtQSMChain
 
@@ -133,28 +132,20 @@ class NeXtQSM(QSMMethod):
             from 512^3 (0.5 GB per real copy) to 384^3.
         varnet_init: where the unrolled descent starts: ``"tkd"`` (default, this project's: chi_0 =
             M A^dagger(M f), the TKD of the background net's local field through the same operator) or
-            ``"field"`` (chi_0 = M f, the paper's). The local field is ~3x smaller than chi and blurred, and
-            three or four steps from it stay far from chi (the untrained network: 68-90 % NRMSE on anat004),
-            so the quick CPU profile never got below TKD; from TKD the untrained variational network is
-            already TKD plus data-consistency steps (36.0 % vs TKD's 36.6 % on anat004) and training
-            removes TKD's streaks. The TKD is linear and differentiable, so the chain still trains end to
-            end (the chi loss reaches the background net through it).
+            ``"field"`` (chi_0 = M f, the paper's); why: :mod:`qsmlab.models.nextqsm` (untrained, 68-90 %
+            NRMSE on anat004 from the field, 36.0 % from TKD vs TKD's 36.6 %). The TKD is linear, so the
+            chain still trains end to end.
         varnet_init_threshold: TKD threshold of ``varnet_init="tkd"`` (0.19, as ``qsmlab recon tkd``).
-        harmonic_input: give the background net, besides the total field and the mask, the total field's
-            SHARP residual :func:`harmonic_residual` (background-free where a ``smv_radius_mm`` sphere fits
-            in the mask) as a third channel. The background is ~50x the local field, so from the total
-            field alone a small net learns the subtraction slowly (measured: local-field NRMSE still 100 %
-            after 100 quick steps); the residual hands it the high-pass for free, and it learns the rest
-            (the rim, the low frequencies).
+        harmonic_input: the total field's SHARP residual :func:`harmonic_residual` as a third input channel
+            of the background net (see the module docstring).
         smv_radius_mm: radius of that sphere (mm).
         background_init: ``"none"`` (the paper's: the background net maps its inputs to the local field)
             or ``"vsharp"`` (this project's): the V-SHARP local field of the total field
             (:func:`vsharp_estimate`, TSVD, parameter-free) is one more input channel and the net adds a
-            correction to it, its output layer started at zero, so the untrained chain is V-SHARP, then the
-            variational network. Background removal is a global, linear problem (project out the field
-            that is harmonic inside the mask) that a small CNN on 32^3 patches learns slowly: after 200
-            quick steps the local field was still at 48-53 % NRMSE on anat004 (V-SHARP: 19 % with CG, 29 %
-            with TSVD) and chi from it 77-85 %.
+            correction to it from a zero output layer (:class:`qsmlab.models.NeXtQSMChain`, ``residual``).
+            Background removal is a global, linear problem a small CNN on 32^3 patches learns slowly: after
+            200 quick steps from ``"none"`` the local field was at 48-53 % NRMSE on anat004 (V-SHARP: 19 %
+            with CG, 29 % with TSVD) and chi from it 77-85 %.
         loss: :class:`NeXtQSMLoss`.
         total_field_scale: ppm; None computes it from the training total fields at the start of fitting.
         **kwargs: common :class:`qsmlab.methods.base.QSMMethod` arguments.
@@ -223,13 +214,10 @@ class NeXtQSM(QSMMethod):
         if missing:
             raise QSMInputError(f"NeXtQSM trains from total fields: training subjects {missing[:3]} have no "
                                 "'total_field' column in the manifest")
-        samples = [masked_sample(np.asarray(nib.load(str(r.total_field)).dataobj, dtype=np.float32),
-                                 np.asarray(nib.load(str(r.mask)).dataobj) > 0.5) for r in rows]
-        s = robust_std(np.concatenate(samples))
-        if not (math.isfinite(s) and s > 0):
-            raise QSMInputError(f"NeXtQSM: the training total fields are zero inside the masks "
-                                f"(first row: {rows[0].total_field})")
-        self.total_field_scale.fill_(s)
+        try:
+            self.total_field_scale.fill_(field_scale_of_rows(rows, "total_field"))
+        except ValueError as e:
+            raise QSMInputError(f"NeXtQSM: {e}") from None
 
     def statistics_from_batch(self, batch) -> None:
         super().statistics_from_batch(batch)

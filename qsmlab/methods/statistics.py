@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
 
 from qsmlab.methods.inference import ANGLE_TOL_DEG, b0_angle_deg, unit
@@ -61,27 +62,27 @@ def common_b0_dir(b0_dirs: Sequence[Sequence[float]], tol_deg: float = ANGLE_TOL
     return mean
 
 
+def field_scale_of_rows(rows, column: str = "field") -> float:
+    """Pooled robust std (ppm) of the rows' ``column`` images inside their masks (NIfTI read once each, with
+    nibabel); ValueError naming the first row's file if it is not positive."""
+    samples = []
+    for r in rows:
+        f = np.asarray(nib.load(str(getattr(r, column))).dataobj, dtype=np.float32)
+        samples.append(masked_sample(f, np.asarray(nib.load(str(r.mask)).dataobj) > 0.5))
+    s = robust_std(np.concatenate(samples))
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"field scale of the training rows' {column} is {s} ppm: the fields are zero inside the "
+                         f"masks (first row: {getattr(rows[0], column)})")
+    return s
+
+
 def training_statistics(rows) -> dict[str, np.ndarray | float]:
-    """``{"field_scale", "b0_dir", "voxel_size"}`` of manifest rows (:class:`qsmlab.data.manifest.Row`).
-
-    Reads each row's ``field`` and ``mask`` NIfTI once (nibabel); geometry comes from the rows.
-    """
-    import nibabel as nib
-
+    """``{"field_scale", "b0_dir", "voxel_size"}`` of manifest rows (:class:`qsmlab.data.manifest.Row`)."""
     rows = list(rows)
     if not rows:
         raise ValueError("no training rows to compute normalisation statistics from")
-    samples = []
-    for r in rows:
-        f = np.asarray(nib.load(str(r.field)).dataobj, dtype=np.float32)
-        m = np.asarray(nib.load(str(r.mask)).dataobj) > 0.5
-        samples.append(masked_sample(f, m))
-    s = robust_std(np.concatenate(samples))
-    if not np.isfinite(s) or s <= 0:
-        raise ValueError(f"field scale of the training rows is {s} ppm: the fields are zero inside the masks "
-                         f"(first row: {rows[0].field})")
     return {
-        "field_scale": s,
+        "field_scale": field_scale_of_rows(rows),
         "b0_dir": common_b0_dir([r.b0_dir for r in rows]),
         "voxel_size": np.median(np.asarray([r.voxel_size for r in rows], dtype=np.float64), axis=0),
     }

@@ -19,6 +19,7 @@ from qsmlab.methods.inference.network import (
     needs_windows,
     normalise_inputs,
     normalise_magnitude,
+    run_on_volume,
     run_padded,
     sliding_windows,
     tkd_prior,
@@ -29,5 +30,5 @@ from qsmlab.methods.inference.volume import describe_frame, infer_volume
 __all__ = [
     "ANGLE_TOL_DEG", "FIELD_INPUTS", "NEAREST_KEYS", "VOXEL_TOL", "Context", "Frame", "b0_angle_deg", "crop", "describe_frame",
     "infer_volume", "make_frame", "needs_windows", "normalise_inputs", "normalise_magnitude", "pad_to_multiple", "rotation_onto",
-    "run_padded", "sliding_windows", "tkd_prior", "unit", "window_roi",
+    "run_on_volume", "run_padded", "sliding_windows", "tkd_prior", "unit", "window_roi",
 ]

@@ -10,8 +10,9 @@ dip`` share one implementation, and a cached model can serve several calls with 
 - :func:`normalise_inputs`: the network's input channels (fields / field_scale, masks 0/1, magnitudes
   / their 99th percentile, :func:`normalise_magnitude`).
 - :func:`tkd_prior`: the thresholded k-space division of the masked local field (ppm).
-- :func:`run_padded`, :func:`needs_windows`, :func:`window_roi`, :func:`sliding_windows`: a predictor on a
-  volume of any size (padded to its multiple and cropped back, or Gaussian-blended windows).
+- :func:`run_on_volume` (:func:`run_padded`, :func:`needs_windows`, :func:`window_roi`,
+  :func:`sliding_windows`): a network on a volume of any size (padded to its multiple and cropped back,
+  or Gaussian-blended windows).
 """
 
 from __future__ import annotations
@@ -160,5 +161,20 @@ def sliding_windows(predictor: Callable[[torch.Tensor], Outputs | torch.Tensor],
     return dict(out) if isinstance(out, Mapping) else {name: out}
 
 
-__all__ = ["FIELD_INPUTS", "Context", "needs_windows", "normalise_inputs", "normalise_magnitude", "run_padded", "sliding_windows", "tkd_prior",
+def run_on_volume(run: Callable[[torch.Tensor], Outputs], x: torch.Tensor, multiple: int,
+                  fixed_input_size: Sequence[int] | None = None, pad_mode: str = "constant",
+                  max_voxels: int = 192**3, roi_edge: int = 128, overlap: float = 0.25, windows: bool = True,
+                  batch_size: int = 1, name: str = "out") -> Outputs:
+    """``run`` (a network on inputs whose size fits it) on ``x`` [B, C, X, Y, Z] of any size: padded to
+    ``multiple`` and cropped back, or, with ``windows`` when :func:`needs_windows`, Gaussian-blended windows
+    (:func:`window_roi` of ``roi_edge``, ``batch_size`` per pass) each padded the same way."""
+    def padded(t):
+        return run_padded(run, t, multiple, pad_mode)
+    if windows and needs_windows(x.shape[-3:], multiple, fixed_input_size, max_voxels):
+        roi = window_roi(x.shape[-3:], multiple, fixed_input_size, roi_edge)
+        return sliding_windows(padded, x, roi, overlap, batch_size, name)
+    return padded(x)
+
+
+__all__ = ["FIELD_INPUTS", "Context", "needs_windows", "normalise_inputs", "normalise_magnitude", "run_on_volume", "run_padded", "sliding_windows", "tkd_prior",
            "window_roi"]
