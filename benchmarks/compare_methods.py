@@ -176,7 +176,7 @@ def classical(subjects: list[dict]) -> tuple[list[dict], dict, list[dict], str]:
 def train(name: str, runs: Path, steps: int | None, reuse: bool) -> tuple[Path, float]:
     """Fit ``experiments/<name>.yaml`` (quick) unless a checkpoint exists and ``reuse``; returns (ckpt, s)."""
     from qsmlab.lab.config import load_experiment
-    from qsmlab.lab.run import execute
+    from qsmlab.lab.run import RunOptions, execute
 
     run_dir = runs / name
     ckpt_dir = run_dir / "checkpoints"
@@ -197,7 +197,8 @@ def train(name: str, runs: Path, steps: int | None, reuse: bool) -> tuple[Path, 
         import shutil
 
         shutil.rmtree(run_dir)
-    res = execute("fit", cfg, run_dir, loggers=("csv",), experiment=name, profile="quick", save_predictions=False)
+    res = execute(RunOptions("fit", cfg, run_dir, experiment=name, profile="quick", loggers=("csv",),
+                             save_predictions=False))
     ck = pick()
     if ck is None:
         raise RuntimeError(f"{name}: no checkpoint under {ckpt_dir}")

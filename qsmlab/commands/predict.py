@@ -61,12 +61,9 @@ def _delegate(args) -> int:
     if args.ckpt or args.field:
         raise QSMInputError("--config runs the platform's LightningCLI predict; give either --config or "
                             "--ckpt/--field, not both")
-    try:
-        from qsmlab.lab.cli import main as lab_main
-    except ImportError:
-        raise QSMInputError("--config: the experiment platform (qsmlab.lab.cli) is not installed in this "
-                            "version; use --ckpt CKPT --field F --mask M -o CHI") from None
-    return int(lab_main(["predict", "--config", args.config] + list(getattr(args, "extra", None) or [])) or 0)
+    from qsmlab.lab.cli import main as lab_main
+
+    return int(lab_main("predict", ["--config", args.config] + list(getattr(args, "extra", None) or [])) or 0)
 
 
 def run(args) -> int:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
 from qsmlab.commands.fit import add_arguments, describe, run_subcommand
 
-ACCEPTS_EXTRA = True
 SUBCOMMAND = "test"
 HELP = "score a checkpoint on the test subjects of an experiment (test/* metrics)"
-DESCRIPTION = describe("test", "Score a checkpoint on the experiment's test subjects (full volumes, test/* metrics; synthetic rows never test).", "qsmlab test uqsm_tv --ckpt_path runs/uqsm_tv/quick/version_0/checkpoints/last.ckpt")
+DESCRIPTION = describe("Score a checkpoint on the experiment's test subjects (full volumes, test/* metrics; synthetic rows never test).", "qsmlab test uqsm_tv --ckpt_path runs/uqsm_tv/quick/version_0/checkpoints/last.ckpt")
 
-__all__ = ["ACCEPTS_EXTRA", "DESCRIPTION", "HELP", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run_argv"]
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_subcommand(SUBCOMMAND, args)
+def run_argv(argv: Sequence[str]) -> int:
+    return run_subcommand(SUBCOMMAND, argv)

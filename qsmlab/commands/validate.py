@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
 from qsmlab.commands.fit import add_arguments, describe, run_subcommand
 
-ACCEPTS_EXTRA = True
 SUBCOMMAND = "validate"
 HELP = "evaluate a checkpoint on the validation subjects of an experiment (val/* metrics)"
-DESCRIPTION = describe("validate", "Evaluate a checkpoint on the experiment's validation volumes (full volumes, val/* metrics).", "qsmlab validate uqsm_tv --ckpt_path runs/uqsm_tv/quick/version_0/checkpoints/last.ckpt")
+DESCRIPTION = describe("Evaluate a checkpoint on the experiment's validation volumes (full volumes, val/* metrics).", "qsmlab validate uqsm_tv --ckpt_path runs/uqsm_tv/quick/version_0/checkpoints/last.ckpt")
 
-__all__ = ["ACCEPTS_EXTRA", "DESCRIPTION", "HELP", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run_argv"]
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_subcommand(SUBCOMMAND, args)
+def run_argv(argv: Sequence[str]) -> int:
+    return run_subcommand(SUBCOMMAND, argv)

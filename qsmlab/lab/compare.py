@@ -174,8 +174,8 @@ def _curves(runs: list[Path], labels: dict[Path, str], out: Path, metric: str = 
 def compare(dirs: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     """Build the report (see the module docstring); returns the runs table."""
     out = Path(out)
+    runs, sweeps, loos = collect(dirs)  # every input checked before the report folder exists
     out.mkdir(parents=True, exist_ok=True)
-    runs, sweeps, loos = collect(dirs)
     lines = ["# qsmlab comparison", "", "Built from the CSV logs of: " + ", ".join(f"`{d}`" for d in dirs), ""]
     sweep_lines: list[str] = []
     for d in sweeps:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,11 @@ import yaml
 from qsmlab.errors import QSMInputError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+RUNS_DIR = Path("runs")  # relative to the working directory: runs, sweeps and LOO batches write here
 META_KEYS = ("base", "profiles")
 DEFAULT_PROFILE = "quick"
+#: top-level keys of a resolved config (what :class:`qsmlab.lab.lightning_cli.QSMLabCLI` parses)
+SECTIONS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
 
 
 def experiment_path(name_or_path: str | Path) -> Path:
@@ -100,28 +103,42 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     return cfg, profiles
 
 
-def profiles_of(name_or_path: str | Path) -> list[str]:
-    """Profile names an experiment defines (its own and its bases')."""
-    return sorted(_load_layers(experiment_path(name_or_path))[1])
+def profiles_of(name_or_path: str | Path | Sequence[str | Path]) -> list[str]:
+    """Profile names an experiment (or a list of layered experiment files) defines, bases included."""
+    return sorted(load_layers(name_or_path)[1])
 
 
-def load_experiment(name_or_path: str | Path, profile: str | None = DEFAULT_PROFILE,
+def load_layers(names: str | Path | Sequence[str | Path]) -> tuple[dict, dict]:
+    """(config, profiles) of one experiment or of several merged in order (``--config a --config b``)."""
+    items = [names] if isinstance(names, (str, Path)) else list(names)
+    if not items:
+        raise QSMInputError("no experiment given")
+    cfg: dict = {}
+    profiles: dict = {}
+    for item in items:
+        c, p = _load_layers(experiment_path(item))
+        cfg, profiles = deep_merge(cfg, c), deep_merge(profiles, p)
+    return cfg, profiles
+
+
+def load_experiment(name_or_path: str | Path | Sequence[str | Path], profile: str | None = DEFAULT_PROFILE,
                     overrides: Mapping[str, Any] | Iterable[str] | None = None,
                     manifest: bool = False) -> dict:
     """The resolved config of an experiment: bases, the file, the profile, then dotted overrides.
 
     Args:
-        name_or_path: experiment name (``uqsm_tv``) or YAML path.
+        name_or_path: experiment name (``uqsm_tv``) or YAML path, or a list of them merged in order.
         profile: profile to apply (``None``: none); unknown names fail listing the known ones.
         overrides: ``{"model.loss.lambda_tv": 3e-3}`` or ``["model.loss.lambda_tv=3e-3", ...]`` (values
             parsed as YAML scalars).
         manifest: also resolve ``data.manifest`` (``default`` / ``recipe:...``) to a CSV path, generating
             the dataset if needed.
     """
-    path = experiment_path(name_or_path)
-    cfg, profiles = _load_layers(path)
+    cfg, profiles = load_layers(name_or_path)
     if profile is not None:
         if profile not in profiles:
+            items = [name_or_path] if isinstance(name_or_path, (str, Path)) else name_or_path
+            path = ", ".join(str(experiment_path(i)) for i in items)
             raise QSMInputError(f"{path}: unknown profile {profile!r}; defined: {sorted(profiles) or 'none'}")
         cfg = deep_merge(cfg, profiles[profile])
     for key, value in _pairs(overrides):

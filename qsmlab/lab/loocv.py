@@ -39,7 +39,6 @@ NO_REFERENCE_METRICS = ("dc", "nrmse_vs_classical", "corr_vs_classical")
 ``dc`` = 100 ||M (A chi - f)|| / ||M f|| (%, data consistency with the scan's own local field), and the
 NRMSE (%) and Pearson correlation inside the mask against the classical default (the pipeline's TV with
 alpha by the discrepancy principle, :func:`classical_default`)."""
-RUNS_DIR = Path("runs")
 
 
 def best_params(spec: str, storage: str | None = None) -> dict[str, Any]:
@@ -51,7 +50,7 @@ def best_params(spec: str, storage: str | None = None) -> dict[str, Any]:
     if not spec.startswith("best-of:"):
         raise QSMInputError(f"--params {spec!r}: expected best-of:STUDY (e.g. best-of:uqsm_tv)")
     name = spec.split(":", 1)[1]
-    sdir = RUNS_DIR / name
+    sdir = C.RUNS_DIR / name
     jp = journal_path(sdir, storage)
     if jp is not None and not jp.is_file():
         raise QSMInputError(f"--params {spec}: no study journal at {jp} (run the sweep first, or give --storage)")
@@ -72,7 +71,10 @@ def plan(experiment: str, manifest: str, *, profile: str | None, overrides: Sequ
 
     cfg = C.load_experiment(experiment, profile)
     for k, v in overrides:
-        C.set_dotted(cfg, k, v)
+        try:
+            C.set_dotted(cfg, k, v, create=True)
+        except QSMInputError as e:
+            raise QSMInputError(f"--{k}: {e}") from None
     C.set_dotted(cfg, "data.manifest", str(manifest))
     C.resolve_manifest(cfg)
     table = load_manifest(C.get_dotted(cfg, "data.manifest"))
@@ -85,6 +87,7 @@ def plan(experiment: str, manifest: str, *, profile: str | None, overrides: Sequ
     data = cfg["data"].get("init_args", cfg["data"])
     for k in ("train_subjects", "val_subjects", "test_subjects"):
         data.pop(k, None)  # the folds file decides the splits
+    _check_classes(cfg, dict(overrides), out)
     out.mkdir(parents=True, exist_ok=True)
     folds_file = write_folds(out / "folds.json", folds, table)
     C.set_dotted(cfg, "data.folds", str(folds_file.resolve()), create=True)
@@ -125,6 +128,18 @@ def score_without_reference(scan, maps: dict[str, np.ndarray]) -> dict[str, dict
     return out
 
 
+def _check_classes(cfg: dict, given: dict, out: Path) -> None:
+    """Build the fold config's model, datamodule and trainer once (nothing written): a bad value fails
+    here, in one line naming the option, not in every fold."""
+    from qsmlab.lab.config_errors import ConfigError
+    from qsmlab.lab.run import RunOptions, prepare
+
+    try:
+        prepare(RunOptions("fit", cfg, out / "check", given=given))
+    except ConfigError as e:
+        raise QSMInputError(e.shown(f"--{e.key}") if e.key in given else str(e)) from None
+
+
 def _held_out_predictions(fold_dir: Path, exp_name: str):
     """``after_fit`` hook: predict every held-out scan with the trained model, score it, save the map."""
     def hook(cli) -> None:
@@ -155,7 +170,7 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
     """Train + score one fold (skipped when ``result.csv`` exists); returns the fold's result rows."""
     from qsmlab.data.manifest import load_manifest
     from qsmlab.lab import baselines as B
-    from qsmlab.lab.run import execute
+    from qsmlab.lab.run import RunOptions, execute
     from qsmlab.metrics import compute_all
 
     fold_dir = out / "folds" / fold.name
@@ -165,11 +180,11 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
     fcfg = copy.deepcopy(cfg)
     C.set_dotted(fcfg, "data.fold", fold.name, create=True)
     held = ",".join(fold.test)
-    execute("fit", fcfg, fold_dir / "train", loggers=loggers, save_predictions=False,
-            wandb_kwargs={"group": f"loocv-{exp_name}", "name": f"fold-{held}", "job_type": "loocv"},
-            wandb_config={"fold": fold.name, "fold_index": index, "held_out": held},
-            after_fit=_held_out_predictions(fold_dir, exp_name), experiment=exp_name, profile=profile,
-            info_extra={"fold": fold.name, "held_out": fold.test})
+    execute(RunOptions(
+        "fit", fcfg, fold_dir / "train", experiment=exp_name, profile=profile, loggers=loggers,
+        after_fit=_held_out_predictions(fold_dir, exp_name), save_predictions=False,
+        wandb_init={"group": f"loocv-{exp_name}", "name": f"fold-{held}", "job_type": "loocv"},
+        record={"fold": fold.name, "fold_index": index, "held_out": fold.test}))
     learned = pd.read_csv(fold_dir / "learned.csv")
     table = load_manifest(C.get_dotted(cfg, "data.manifest"))
     grid = B.TVGrid(out / "tv_grid.csv", tv_alphas or B.TV_ALPHAS)
@@ -253,7 +268,7 @@ def run_loocv(experiment: str, manifest: str, *, profile: str | None = None, par
     ov = list(overrides)
     if params:
         ov = list(best_params(params, storage).items()) + ov
-    out = Path(out) if out else RUNS_DIR / f"loocv-{exp_name}"
+    out = Path(out) if out else C.RUNS_DIR / f"loocv-{exp_name}"
     if workers < 1:
         raise QSMInputError(f"--workers: expected a positive integer, got {workers}")
     cfg, folds, _ = plan(experiment, manifest, profile=profile, overrides=ov, out=out)

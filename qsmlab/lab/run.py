@@ -1,18 +1,23 @@
 """One run (fit / validate / test / predict) of a resolved experiment config, in one folder.
 
-:func:`execute` is the single code path of ``qsmlab fit``, every sweep trial and every LOO fold: it writes
-the config, builds :class:`~qsmlab.lab.cli.QSMLabCLI`, records provenance, runs the trainer, then saves the
-final metrics (``run_info.json``, W&B summary) and, after ``fit``, the chi of the first validation volume
-(NIfTI, ppm, the volume's affine) with its slice figure (also logged to W&B as ``final/chi``). W&B runs are
-always finished, with exit code 1 when the run raised (a pruned trial is not a failure).
+:func:`execute` is the single code path of ``qsmlab fit``, every sweep trial and every LOO fold: the caller
+builds the config in memory (a dict) and describes the run with :class:`RunOptions`; :func:`execute`
+builds :class:`~qsmlab.lab.lightning_cli.QSMLabCLI` from it (every key, type and value checked, the
+datamodule's splits set up) *before* the run folder is created, so a bad value writes nothing. Then it
+records the config and provenance, runs the trainer, and saves the final metrics (``run_info.json``, W&B
+summary) and, after ``fit``, the maps of the first validation volume (NIfTI with the volume's affine: chi
+in ppm for a QSM method, the mask and class probabilities for a segmentation method) with a slice figure
+(also logged to W&B as ``final/chi``). W&B runs are always finished, with exit code 1 when the run raised
+(a pruned trial is not a failure).
 """
 
 from __future__ import annotations
 
-import shutil
+import logging
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,57 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from qsmlab.data.nifti import save_nifti
+from qsmlab.errors import QSMInputError
 from qsmlab.lab import provenance as P
 from qsmlab.lab.config import flatten
+from qsmlab.lab.config_errors import config_error
+from qsmlab.lab.figures import slice_figure
+from qsmlab.lab.lightning_cli import QSMLabCLI
 from qsmlab.lab.tracking import DEFAULT_LOGGERS, finish_wandb, make_loggers, wandb_run
+from qsmlab.metrics import nrmse
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+@dataclass
+class RunOptions:
+    """What :func:`execute` runs, where, and how it is recorded.
+
+    Attributes:
+        subcommand: fit | validate | test | predict.
+        config: the resolved config (``data.manifest`` a CSV path); not modified.
+        run_dir: the run folder (created only once the config has been checked).
+        given: ``{dotted key: value}`` the user set (command-line overrides, a trial's parameters): error
+            messages name these keys the way the user wrote them.
+        experiment, profile: recorded in ``run_info.json``.
+        ckpt_path: passed to the trainer (``last`` resumes from ``<run_dir>/checkpoints/last.ckpt``).
+        output_dir: ``predict``: where the maps go (default ``<run_dir>/predictions``).
+        loggers: names for :func:`qsmlab.lab.tracking.make_loggers`.
+        callbacks: extra Lightning callbacks (e.g. a pruning callback).
+        after_fit: ``f(cli)`` called after a successful ``trainer.fit`` (e.g. ``check_pruned``).
+        save_predictions: after ``fit``, write the maps of the first validation volume.
+        wandb_init: ``wandb.init`` arguments (``name``, ``group``, ``job_type``, ...).
+        record: added to the W&B run config and to ``run_info.json`` (study, trial, fold, params, ...).
+    """
+
+    subcommand: str
+    config: Mapping[str, Any]
+    run_dir: Path
+    given: Mapping[str, Any] = field(default_factory=dict)
+    experiment: str | None = None
+    profile: str | None = None
+    ckpt_path: str | None = None
+    output_dir: Path | None = None
+    loggers: Sequence[str] = DEFAULT_LOGGERS
+    callbacks: Sequence = ()
+    after_fit: Callable[[QSMLabCLI], None] | None = None
+    save_predictions: bool = True
+    wandb_init: Mapping[str, Any] = field(default_factory=dict)
+    record: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,15 +101,46 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def output_maps(prediction: Any, primary: str | None = None) -> dict[str, torch.Tensor]:
+    """The volume maps ``{name: [B, C, X, Y, Z]}`` of a ``predict_step`` output, ``primary`` first.
+
+    A tensor is chi (ppm); a mapping keeps every 5-D tensor it holds (``chi``; a segmentation method's
+    ``mask`` and ``mask_logits``; ...); a tuple's first tensor is chi.
+    """
+    if isinstance(prediction, torch.Tensor):
+        maps = {"chi": prediction}
+    elif isinstance(prediction, Mapping):
+        maps = {k: v for k, v in prediction.items() if isinstance(v, torch.Tensor) and v.ndim == 5}
+    elif isinstance(prediction, (tuple, list)) and prediction and isinstance(prediction[0], torch.Tensor):
+        maps = {"chi": prediction[0]}
+    else:
+        maps = {}
+    if not maps:
+        raise TypeError(f"predict_step returned {type(prediction).__name__} without a [B, C, X, Y, Z] map; "
+                        "expected a chi tensor or a dict of maps")
+    first = primary if primary in maps else ("chi" if "chi" in maps else next(iter(maps)))
+    return {first: maps[first], **{k: v for k, v in maps.items() if k != first}}
+
+
 def chi_of(prediction: Any) -> torch.Tensor:
     """The chi tensor [B, 1, X, Y, Z] (ppm) of a ``predict_step`` output (a tensor or a dict with 'chi')."""
-    if isinstance(prediction, torch.Tensor):
-        return prediction
-    if isinstance(prediction, Mapping) and "chi" in prediction:
-        return prediction["chi"]
-    if isinstance(prediction, (tuple, list)) and prediction and isinstance(prediction[0], torch.Tensor):
-        return prediction[0]
-    raise TypeError(f"predict_step returned {type(prediction).__name__}; expected a chi tensor or {{'chi': ...}}")
+    maps = output_maps(prediction)
+    if "chi" not in maps:
+        raise TypeError(f"predict_step returned maps {sorted(maps)}; expected a chi map")
+    return maps["chi"]
+
+
+def map_volumes(maps: Mapping[str, torch.Tensor], i: int) -> dict[str, np.ndarray]:
+    """Item ``i`` of each map as a float32 volume to write: one channel -> (X, Y, Z); several -> (X, Y, Z, C)
+    (NIfTI's 4th axis); ``<name>_logits`` -> ``<name>_prob`` (softmax over the channels)."""
+    out = {}
+    for name, t in maps.items():
+        v = t[i].detach().float().cpu()
+        if name.endswith("_logits") and v.shape[0] > 1:
+            name, v = name[: -len("_logits")] + "_prob", torch.softmax(v, dim=0)
+        arr = v.numpy()
+        out[name] = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+    return out
 
 
 def _file_stem(batch, i: int) -> str:
@@ -66,9 +148,19 @@ def _file_stem(batch, i: int) -> str:
     return key.replace("/", "_")
 
 
+def write_maps(out_dir: Path, batch, maps: Mapping[str, torch.Tensor]) -> list[Path]:
+    """Each map of each volume of ``batch`` as ``<out_dir>/<subject_session_run>_<map>.nii.gz`` (float32,
+    the volume's affine)."""
+    written = []
+    for i in range(next(iter(maps.values())).shape[0]):
+        for name, vol in map_volumes(maps, i).items():
+            written.append(save_nifti(out_dir / f"{_file_stem(batch, i)}_{name}.nii.gz", vol,
+                                      affine=batch.affine[i].cpu().numpy()))
+    return written
+
+
 class NiftiPredictionWriter(BasePredictionWriter):
-    """Writes each predicted chi map as ``<out_dir>/<subject_session_run>_chi.nii.gz`` (float32, ppm,
-    the input volume's affine)."""
+    """Writes each predicted map as ``<out_dir>/<subject_session_run>_<map>.nii.gz`` (``_chi``: ppm)."""
 
     def __init__(self, out_dir: str | Path):
         super().__init__(write_interval="batch")
@@ -76,24 +168,14 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.written: list[Path] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        from qsmlab.data.nifti import save_nifti
-
-        chi = chi_of(prediction).detach().float().cpu().numpy()
-        for i in range(chi.shape[0]):
-            p = save_nifti(self.out_dir / f"{_file_stem(batch, i)}_chi.nii.gz", chi[i, 0],
-                           affine=batch.affine[i].cpu().numpy())
-            self.written.append(p)
+        maps = output_maps(prediction, getattr(pl_module, "primary_output", None))
+        self.written.extend(write_maps(self.out_dir, batch, maps))
 
 
 @torch.no_grad()
 def predict_first_val(model, datamodule, out_dir: Path) -> dict[str, Any] | None:
-    """chi of the first validation volume (full volume) -> NIfTI + slice figure; None without val data."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    from qsmlab.data.nifti import save_nifti
-    from qsmlab.lab.figures import slice_figure
-    from qsmlab.metrics import nrmse
-
+    """The maps of the first validation volume (full volume) -> NIfTI + slice figure of the primary map
+    (chi, or a segmentation method's mask); None without validation data."""
     if datamodule is None:
         return None
     loader = datamodule.val_dataloader()
@@ -103,97 +185,125 @@ def predict_first_val(model, datamodule, out_dir: Path) -> dict[str, Any] | None
     was_training = model.training
     model.eval()
     try:
-        chi_t = chi_of(model.predict_step(move_data_to_device(batch, model.device), 0))
+        maps = output_maps(model.predict_step(move_data_to_device(batch, model.device), 0),
+                           getattr(model, "primary_output", None))
     finally:
         model.train(was_training)
-    chi = chi_t[0, 0].float().cpu().numpy()
-    mask = batch.mask[0, 0].cpu().numpy() > 0
+    paths = write_maps(out_dir, batch, maps)
+    primary = next(iter(maps))
+    vol = map_volumes({primary: maps[primary]}, 0)[primary]
     stem = _file_stem(batch, 0)
-    pred_path = save_nifti(out_dir / f"{stem}_chi.nii.gz", chi, affine=batch.affine[0].numpy())
-    ref = batch.chi[0, 0].cpu().numpy() if batch.chi is not None else None
-    # NRMSE only for the caption: the run's metrics were logged by its validation (SSIM/HFEN cost seconds)
-    metrics = {"nrmse": float(nrmse(chi, ref, mask))} if ref is not None and mask.any() else {}
+    ref_t = getattr(batch, primary, None) if primary in ("chi", "mask", "seg") else None
+    ref = ref_t[0, 0].float().cpu().numpy() if ref_t is not None and vol.ndim == 3 else None
+    mask = batch.mask[0, 0].cpu().numpy() > 0
+    metrics = {}
+    if primary == "chi" and ref is not None and mask.any():
+        # NRMSE only for the caption: the run's metrics were logged by its validation (SSIM/HFEN cost seconds)
+        metrics = {"nrmse": float(nrmse(vol, ref, mask))}
     note = f"NRMSE {metrics['nrmse']:.1f} %" if metrics else ""
-    fig = slice_figure({"prediction": chi}, out_dir.parent / "final_chi.png", reference=ref, mask=mask,
-                       title=f"{stem}  {note}", annotations={"prediction": note})
-    return {"subject": stem, "path": pred_path, "figure": fig, "metrics": metrics,
-            "reference": str(datamodule.rows["val"][0].chi) if ref is not None else None,
-            "mask": str(datamodule.rows["val"][0].mask)}
+    shown = vol if vol.ndim == 3 else vol[..., -1]
+    fig = slice_figure({"prediction": shown}, out_dir.parent / "final_chi.png", reference=ref,
+                       mask=mask if primary == "chi" else None, window=None if primary == "chi" else 1.0,
+                       title=f"{stem} {primary}  {note}", annotations={"prediction": note})
+    row = datamodule.rows["val"][0]
+    return {"subject": stem, "path": paths[0], "paths": paths, "figure": fig, "metrics": metrics,
+            "reference": str(row.chi) if primary == "chi" and ref is not None else None, "mask": str(row.mask)}
 
 
-def execute(subcommand: str, config: Mapping[str, Any], run_dir: str | Path, *,
-            extra_args: Sequence[str] = (), ckpt_path: str | None = None,
-            loggers: Sequence[str] = DEFAULT_LOGGERS, wandb_kwargs: Mapping[str, Any] | None = None,
-            wandb_config: Mapping[str, Any] | None = None, callbacks: Sequence = (),
-            experiment: str | None = None, profile: str | None = None, output_dir: str | Path | None = None,
-            save_predictions: bool = True, info_extra: Mapping[str, Any] | None = None,
-            after_fit=None) -> RunResult:
-    """Run ``subcommand`` of the resolved experiment ``config`` (a dict, manifest resolved) in ``run_dir``.
+@contextmanager
+def _held_logs(names: Sequence[str] = ("lightning.pytorch", "lightning.fabric")):
+    """Hold Lightning's log lines (seed, devices, tips) until the block succeeds: a rejected config then
+    prints its one error line alone."""
+    held: list[logging.LogRecord] = []
 
-    Args:
-        extra_args: LightningCLI-style ``--key value`` pairs applied after the config (class defaults).
-        ckpt_path: passed to the trainer (``last`` resumes from ``<run_dir>/checkpoints/last.ckpt``).
-        loggers: names for :func:`qsmlab.lab.tracking.make_loggers`.
-        wandb_kwargs: ``wandb.init`` arguments (``name``, ``group``, ``job_type``, ...).
-        wandb_config: added to the W&B run config (the resolved config's dotted keys are always there).
-        callbacks: extra Lightning callbacks (e.g. a pruning callback).
-        after_fit: ``f(cli)`` called after a successful ``trainer.fit`` (e.g. ``check_pruned``).
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    saved = []
+    for n in names:
+        lg = logging.getLogger(n)
+        saved.append((lg, lg.handlers[:], lg.propagate))
+        lg.handlers, lg.propagate = [_Hold()], False
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        if ok:
+            for record in held:
+                logging.getLogger(record.name).handle(record)
+
+
+def prepare(opts: RunOptions, loggers: Sequence = (), callbacks: Sequence = ()) -> QSMLabCLI:
+    """The model, datamodule and trainer of ``opts`` with every value checked and the datamodule's splits
+    set up (unknown subjects fail here); writes nothing. Raises a one-line ConfigError."""
+    with _held_logs():
+        cli = QSMLabCLI(opts.config, run_dir=opts.run_dir, loggers=loggers, callbacks=callbacks, given=opts.given)
+        if cli.datamodule is not None:
+            try:
+                cli.datamodule.setup("fit" if opts.subcommand == "fit" else opts.subcommand)
+            except QSMInputError as e:
+                raise config_error(e, flatten(opts.config), opts.given, section="data") from None
+    return cli
+
+
+def execute(opts: RunOptions) -> RunResult:
+    """Run ``opts.subcommand`` of ``opts.config`` in ``opts.run_dir`` (see :class:`RunOptions`).
+
     Returns:
-        :class:`RunResult`; exceptions (bad config, training errors, ``optuna.TrialPruned``) propagate
-        after ``run_info.json`` and W&B have recorded them.
+        :class:`RunResult`; exceptions (training errors, ``optuna.TrialPruned``) propagate after
+        ``run_info.json`` and W&B have recorded them. A bad config raises before anything is written.
     """
-    from qsmlab.lab.cli import QSMLabCLI
-
     t0, c0 = time.perf_counter(), time.process_time()
-    run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    exp_path = run_dir / "experiment.yaml"
-    exp_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    wkw = dict(wandb_kwargs or {})
-    wkw.setdefault("name", run_dir.name)
-    wkw.setdefault("job_type", subcommand)
-    lgs = make_loggers(run_dir, loggers, wandb_kwargs=wkw)
-    cbs = list(callbacks)
+    run_dir = Path(opts.run_dir)
+    sub = opts.subcommand
+    if sub not in SUBCOMMANDS:
+        raise ValueError(f"subcommand {sub!r} is not one of {SUBCOMMANDS}")
+    wkw = {"name": run_dir.name, "job_type": sub, **dict(opts.wandb_init)}
+    lgs = make_loggers(run_dir, opts.loggers, wandb_kwargs=wkw)  # nothing written before the first log
+    cbs = list(opts.callbacks)
     writer = None
-    if subcommand == "predict":
-        writer = NiftiPredictionWriter(output_dir or run_dir / "predictions")
+    if sub == "predict":
+        writer = NiftiPredictionWriter(opts.output_dir or run_dir / "predictions")
         cbs.append(writer)
     try:
-        cli = QSMLabCLI(args=["--config", str(exp_path), *extra_args], run_dir=run_dir, loggers=lgs, callbacks=cbs)
+        cli = prepare(opts, loggers=lgs, callbacks=cbs)
     except BaseException:
         finish_wandb(lgs, exit_code=1)
-        if created:  # a config error leaves no half-made run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(dict(opts.config), sort_keys=False))
     (run_dir / "config.yaml").write_text(cli.dump_config())
     manifest = getattr(cli.datamodule, "manifest", None)
-    info = P.run_info(subcommand=subcommand, seed=cli.seed, manifest=manifest, experiment=experiment,
-                      profile=profile, extra={"run_dir": str(run_dir.resolve()), "ckpt_path": ckpt_path,
-                                              **dict(info_extra or {})})
+    info = P.run_info(subcommand=sub, seed=cli.seed, manifest=manifest, experiment=opts.experiment,
+                      profile=opts.profile, extra={"run_dir": str(run_dir.resolve()), "ckpt_path": opts.ckpt_path,
+                                                   **dict(opts.record)})
     P.write_json(run_dir / "run_info.json", info)
     run = wandb_run(lgs)
     if run is not None:
-        run.config.update({**flatten(config), **dict(wandb_config or {}), "seed_everything": cli.seed,
+        run.config.update({**flatten(opts.config), **dict(opts.record), "seed_everything": cli.seed,
                            "git_commit": info["git"]["commit"], "manifest_sha256": info["manifest_sha256"]},
                           allow_val_change=True)
     result = RunResult(run_dir=run_dir, status="running", seed=cli.seed)
     status, exit_code = "finished", 0
     try:
         t_fit, c_fit = time.perf_counter(), time.process_time()
-        getattr(cli.trainer, subcommand)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        getattr(cli.trainer, sub)(cli.model, datamodule=cli.datamodule, ckpt_path=opts.ckpt_path)
         result.fit_seconds = time.perf_counter() - t_fit
         result.fit_cpu_seconds = time.process_time() - c_fit
-        if subcommand == "fit" and after_fit is not None:
-            after_fit(cli)
+        if sub == "fit" and opts.after_fit is not None:
+            opts.after_fit(cli)
         result.metrics = _floats(cli.trainer.callback_metrics)
-        if subcommand == "fit" and save_predictions and cli.trainer.is_global_zero:
+        if sub == "fit" and opts.save_predictions and cli.trainer.is_global_zero:
             pred = predict_first_val(cli.model, cli.datamodule, run_dir / "predictions")
             if pred is not None:
-                result.predictions.append(pred["path"])
-                info["prediction"] = {k: str(v) if isinstance(v, Path) else v for k, v in pred.items()}
+                result.predictions.extend(pred["paths"])
+                info["prediction"] = {k: _jsonable(v) for k, v in pred.items()}
                 if run is not None:
-                    import wandb
+                    import wandb  # only when a W&B run exists (its import costs ~1 s)
 
                     run.log({"final/chi": wandb.Image(str(pred["figure"]))})
         if writer is not None:
@@ -222,26 +332,16 @@ def execute(subcommand: str, config: Mapping[str, Any], run_dir: str | Path, *,
     return result
 
 
-def read_metrics_csv(run_dir: str | Path):
-    """``metrics.csv`` of a run as a DataFrame (empty when absent)."""
-    import pandas as pd
-
-    p = Path(run_dir) / "metrics.csv"
-    return pd.read_csv(p) if p.is_file() else pd.DataFrame()
-
-
-def last_values(frame, prefix: str = "val/") -> dict[str, float]:
-    """Last logged value of every column starting with ``prefix`` (NaN rows skipped)."""
-    out = {}
-    for c in frame.columns:
-        if c.startswith(prefix):
-            s = frame[c].dropna()
-            if len(s):
-                out[c] = float(s.iloc[-1])
-    return out
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
 
 
 def load_chi(path: str | Path) -> np.ndarray:
+    """A saved map as float32 (X, Y, Z) (ppm for chi)."""
     import nibabel as nib
 
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)

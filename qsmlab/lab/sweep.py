@@ -2,8 +2,10 @@
 
 Flow (:func:`run_sweep`): read and check the sweep file (:mod:`qsmlab.lab.sweep_spec`) and the storage
 (:mod:`qsmlab.lab.storage`) before anything trains; build the dataset once; then 1 or N local worker
-processes each loop "recover dead trials -> stop if the budget is spent -> run one trial". A trial is one
-:func:`qsmlab.lab.run.execute` of ``fit`` in ``runs/<study>/trials/trial-<nnnn>/`` (CSV log, checkpoints,
+processes each loop "recover dead trials -> stop if the budget is spent -> run one trial". A trial's
+config is the sweep's base config (resolved once, in memory) with the trial's parameters set; it goes
+straight to :func:`qsmlab.lab.run.execute` (``fit``, the path of ``qsmlab fit``) in
+``runs/<study>/trials/trial-<nnnn>/`` (CSV log, checkpoints,
 its own W&B run: group = study, name = ``trial-<n>``, config = resolved config + params, summary = final
 metrics, ``final/chi`` figure) scored by the objective metric's last validation value. At the end:
 ``runs/<study>/trials.csv``, ``report.md``, ``objective_vs_params.png``, ``history.png`` and the best
@@ -47,7 +49,6 @@ from qsmlab.lab import config as C
 from qsmlab.lab.storage import is_url, open_storage, storage_url
 from qsmlab.lab.sweep_spec import SweepSpec, load_sweep, make_pruner, make_sampler
 
-RUNS_DIR = Path("runs")
 ATTR_WORKER = "qsmlab.worker"
 ATTR_CRASHED = "qsmlab.crashed"
 ATTR_INTERRUPTED = "qsmlab.interrupted"
@@ -207,7 +208,7 @@ class TrialObjective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from qsmlab.lab.run import execute
+        from qsmlab.lab.run import RunOptions, execute
 
         spec = self.spec
         trial.set_user_attr(ATTR_WORKER, worker_id())
@@ -226,14 +227,13 @@ class TrialObjective:
             callbacks.append(pruning)
         c0, t0 = time.process_time(), time.perf_counter()
         try:
-            result = execute(
-                "fit", cfg, run_dir, loggers=spec.loggers, callbacks=callbacks,
-                wandb_kwargs={"group": trial.study.study_name, "name": f"trial-{trial.number}",
-                              "job_type": "sweep-trial"},
-                wandb_config={"study": trial.study.study_name, "trial": trial.number, **params},
+            result = execute(RunOptions(
+                "fit", cfg, run_dir, given=params, experiment=Path(spec.experiment).stem, profile=spec.profile,
+                loggers=spec.loggers, callbacks=callbacks,
                 after_fit=(lambda cli: pruning.check_pruned()) if ddp and pruning else None,
-                experiment=Path(spec.experiment).stem, profile=spec.profile,
-                info_extra={"study": trial.study.study_name, "trial": trial.number, "params": params})
+                wandb_init={"group": trial.study.study_name, "name": f"trial-{trial.number}",
+                            "job_type": "sweep-trial"},
+                record={"study": trial.study.study_name, "trial": trial.number, "params": params}))
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -332,6 +332,21 @@ def _check_ddp_storage(spec: SweepSpec, cfg: dict, storage: str | None) -> None:
                             "which needs an RDB storage for pruning: give --storage postgresql://... or sqlite:///...")
 
 
+def check_classes(spec: SweepSpec, cfg: dict, study_dir: Path) -> None:
+    """Build the base config's model, datamodule and trainer once (nothing is written): a value only a
+    constructor rejects (``trainer.max_steps: -5``, an unknown subject) fails here in one line instead of
+    in every trial."""
+    from qsmlab.lab.config_errors import ConfigError
+    from qsmlab.lab.run import RunOptions
+    from qsmlab.lab.run import prepare as prepare_run
+
+    try:
+        prepare_run(RunOptions("fit", cfg, study_dir / "trials" / "check", given=spec.overrides))
+    except ConfigError as e:
+        where = "overrides." if e.key in spec.overrides else ""
+        raise QSMInputError(f"{spec.path}: {e.shown(where + (e.key or 'config'))}") from None
+
+
 def prepare(sweep: str | Path, *, storage: str | None = None, n_trials: int | None = None,
             timeout: float | None = None, workers: int | None = None, study: str | None = None):
     """Every check that must pass before training: sweep file, keys, sampler/pruner arguments, storage.
@@ -356,10 +371,16 @@ def prepare(sweep: str | Path, *, storage: str | None = None, n_trials: int | No
         make_pruner(spec)
     except TypeError as e:
         raise QSMInputError(f"{spec.path}: sampler/pruner arguments: {e}") from None
-    sdir = RUNS_DIR / spec.study
+    sdir = C.RUNS_DIR / spec.study
     cfg_nodata = spec.base_config(manifest=False)
     _check_ddp_storage(spec, cfg_nodata, storage)
-    st = open_storage(storage, sdir, stale_trial_callback=heartbeat_stale)
+    # a database is reached first (an unreachable URL stops before the dataset is built); a journal file
+    # is created only once the config has passed every check
+    st = open_storage(storage, sdir, stale_trial_callback=heartbeat_stale) if is_url(storage) else None
+    base_cfg = spec.base_config(manifest=True)  # generates/caches the dataset once, before any worker
+    check_classes(spec, base_cfg, sdir)
+    if st is None:
+        st = open_storage(storage, sdir, stale_trial_callback=heartbeat_stale)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = optuna.create_study(study_name=spec.study, storage=st, direction=spec.direction, load_if_exists=True)
     if s.direction.name.lower() != spec.direction:
@@ -367,7 +388,6 @@ def prepare(sweep: str | Path, *, storage: str | None = None, n_trials: int | No
                             f"says {spec.direction}; use --study NAME for a new study")
     s.set_user_attr("sweep_file", str(spec.path))
     s.set_user_attr("objective", spec.metric)
-    base_cfg = spec.base_config(manifest=True)  # generates/caches the dataset once, before any worker
     sdir.mkdir(parents=True, exist_ok=True)
     return spec, base_cfg, sdir, st
 
@@ -433,10 +453,9 @@ def _worker_main(payload: str) -> int:
     a = json.loads(payload)
     spec = load_sweep(a["sweep"], check_keys=False)
     spec.study, spec.n_trials = a["study"], int(a["n_trials"])
-    storage = a["storage"] if is_url(a["storage"]) else a["storage"]
     sdir = Path(a["study_dir"])
     base_cfg = spec.base_config(manifest=True)  # cached by the parent: no generation here
-    worker_loop(spec, storage, sdir, base_cfg, worker_index=int(a["index"]), n_workers=int(a["workers"]),
+    worker_loop(spec, a["storage"], sdir, base_cfg, worker_index=int(a["index"]), n_workers=int(a["workers"]),
                 deadline=a["deadline"])
     return 0
 

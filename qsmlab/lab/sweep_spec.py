@@ -242,9 +242,14 @@ def check_against_config(spec: SweepSpec) -> dict:
             hint = C.closest_key(cfg, key)
             raise _err(spec.path, f"search_space key {key!r} does not exist in the resolved config of "
                                   f"{Path(spec.experiment).stem}" + (f" (closest: {hint!r})" if hint else "")) from None
-    from qsmlab.lab.cli import validate_config
+    from qsmlab.lab.config_errors import ConfigError
+    from qsmlab.lab.lightning_cli import check_config
 
-    validate_config(cfg, label=f"{spec.path}: experiment {Path(spec.experiment).stem} with the sweep's overrides")
+    try:
+        check_config(cfg, given=spec.overrides)
+    except ConfigError as e:
+        where = "overrides." if e.key in spec.overrides else ""
+        raise _err(spec.path, e.shown(where + (e.key or "config"))) from None
     return cfg
 
 

@@ -1,0 +1,92 @@
+"""Every experiment under experiments/ runs through the training entry point as a user types it:
+``qsmlab fit experiments/<m>.yaml --trainer.fast_dev_run=true`` (one training and one validation batch,
+then the end-of-fit prediction of the first validation volume written as NIfTI on its grid).
+
+Parametrised over the folder, so a new experiment is covered without editing this file. Sizes come down
+through command-line keys only: the data (a tiny generated dataset: two anatomical phantoms and one
+shape phantom at 5 mm, shared with the method tests' cache), 16^3 patches, and per model class the
+network's widths (a class not listed below runs with its quick profile's sizes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _methods import run_cli
+
+from qsmlab.data.recipe import ensure_dataset
+from qsmlab.lab.config import EXPERIMENTS_DIR, get_dotted, load_experiment
+
+# the recipe of tests/test_methods_pedqnet.py and test_methods_nextqsm.py (same hash: one cached copy);
+# anatomical phantoms carry the segmentation PedQ-NET trains on
+TINY_RECIPE = {
+    "name": "methods-tiny", "seed": 11, "te": [0.004, 0.008], "snr": 100,
+    "subjects": [
+        {"kind": "anatomical", "count": 2, "voxel_size": [5.0, 5.0, 5.0], "veins": [1, 2]},
+        {"kind": "shapes", "count": 1, "shape": [24, 24, 24], "voxel_size": [5.0, 5.0, 5.0]},
+    ],
+}
+TRAIN, VAL = "anat001", "anat002"
+
+#: network sizes per model class (command-line keys), so each case takes a few seconds
+TINY_MODEL = {
+    "UQSM": {"depth": 2, "width": 4},
+    "UQSMDIP": {"depth": 2, "width": 4},
+    "QSMnet": {"depth": 2, "width": 4},
+    "QSMnetPlus": {"depth": 2, "width": 4},
+    "NeXtQSM": {"bg_width": 4, "bg_depth": 2, "steps": 1, "reg_width": 4, "reg_depth": 1},
+    "PedQNet": {"filters": "[4, 8, 16]", "seg_img_size": 16, "seg_feature_size": 4, "seg_hidden_size": 32,
+                "seg_mlp_dim": 32, "seg_num_heads": 2},
+    "BrainMaskNet": {"img_size": 16, "feature_size": 4, "hidden_size": 32, "mlp_dim": 32, "num_heads": 2},
+}
+EXPERIMENTS = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Path:
+    return ensure_dataset(TINY_RECIPE).resolve()
+
+
+def test_every_experiment_is_collected():
+    assert len(EXPERIMENTS) >= 10 and all(p.suffix == ".yaml" for p in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_fast_dev_run(path: Path, manifest: Path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cls = str(get_dotted(load_experiment(path), "model.class_path")).rsplit(".", 1)[-1]
+    argv = ["fit", str(path), "--trainer.fast_dev_run=true", "--loggers", "none",
+            "--data.manifest", str(manifest), f"--data.train_subjects=[{TRAIN}]", f"--data.val_subjects=[{VAL}]",
+            "--data.patch_size", "16", "--data.samples_per_volume", "1", "--data.queue_length", "2",
+            "--data.batch_size", "1"]
+    for key, value in TINY_MODEL.get(cls, {}).items():
+        argv += [f"--model.{key}", str(value)]
+    rc, out, err = run_cli(argv)
+    assert rc == 0, err[-2000:]
+    run = tmp_path / "runs" / path.stem / "quick" / "version_0"
+    assert json.loads((run / "run_info.json").read_text())["status"] == "finished"
+    # the end-of-fit prediction: the validation volume's primary map, on the volume's grid
+    preds = sorted((run / "predictions").glob(f"{VAL}*.nii.gz"))
+    assert preds, sorted(p.name for p in run.rglob("*"))
+    ref = nib.load(next(r for r in manifest.parent.rglob(f"{VAL}*mask*.nii*")))
+    for p in preds:
+        img = nib.load(p)
+        assert img.shape[:3] == ref.shape and np.allclose(img.affine, ref.affine), p.name
+        assert img.get_data_dtype() == np.float32 and np.isfinite(np.asarray(img.dataobj)).all(), p.name
+
+
+def test_checkpoints_are_named_best_step_and_last(manifest: Path, tmp_path, monkeypatch):
+    """The experiments' ModelCheckpoint writes ``best-step=<n>.ckpt`` (not ``best-stepstep=<n>``) next to
+    the resume point ``last.ckpt``."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "uqsm", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--loggers", "csv",
+            "--data.manifest", str(manifest), f"--data.train_subjects=[{TRAIN}]", f"--data.val_subjects=[{VAL}]",
+            "--data.patch_size", "16", "--data.samples_per_volume", "1", "--data.queue_length", "2",
+            "--data.batch_size", "1", "--run_dir", "run"] + [f"--model.{k}={v}" for k, v in TINY_MODEL["UQSM"].items()]
+    rc, out, err = run_cli(argv)
+    assert rc == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best-step=2.ckpt", "last.ckpt"]
