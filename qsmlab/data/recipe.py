@@ -54,7 +54,17 @@ GROUP_DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes": {**COMMON_GROUP, "shape": [64, 64, 64], "n_shapes": [20, 40], "chi_range": [-0.2, 0.3],
                "size_range": [0.03, 0.15], "mask_fraction": 0.32},
 }
-SHORT = {"anatomical": "anat", "shapes": "shape"}
+SHORT = {"anatomical": "anat", "shapes": "shape", "realistic": "real"}
+KINDS = ("anatomical", "shapes", "realistic")
+"""``realistic``: qsmlab.data.realistic.recipe_group (its defaults live there; imported only when used)."""
+
+
+def _group_defaults(kind: str) -> dict:
+    if kind == "realistic":
+        from qsmlab.data.realistic.recipe_group import REALISTIC_GROUP
+
+        return REALISTIC_GROUP
+    return GROUP_DEFAULTS[kind]
 
 
 # -- validation ------------------------------------------------------------------------------------------
@@ -142,10 +152,11 @@ def _resolve_group(c: _Checker, key: str, g) -> dict:
     if not isinstance(g, Mapping):
         c.fail(key, f"expected a mapping with 'kind' and 'count', got {g!r}")
     kind = g.get("kind")
-    if kind not in GROUP_DEFAULTS:
-        c.fail(f"{key}.kind", f"expected one of {', '.join(GROUP_DEFAULTS)}, got {kind!r}")
-    c.keys(key, g, GROUP_DEFAULTS[kind])
-    r = {**GROUP_DEFAULTS[kind], **dict(g)}
+    if kind not in KINDS:
+        c.fail(f"{key}.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
+    defaults = _group_defaults(kind)
+    c.keys(key, g, defaults)
+    r = {**defaults, **dict(g)}
     r["count"] = c.number(f"{key}.count", r["count"], lo=1, hi=100000, integer=True)
     r["name"] = r["name"] or SHORT[kind]
     if not isinstance(r["name"], str) or not r["name"].isidentifier():
@@ -157,6 +168,10 @@ def _resolve_group(c: _Checker, key: str, g) -> dict:
     if not isinstance(ori, list) or not ori:
         c.fail(f"{key}.orientations", f"expected a list of [rx, ry, rz] head rotations (deg), got {ori!r}")
     r["orientations"] = [c.numbers(f"{key}.orientations[{i}]", o, n=3, lo=-180, hi=180) for i, o in enumerate(ori)]
+    if kind == "realistic":
+        from qsmlab.data.realistic.recipe_group import resolve_group
+
+        return resolve_group(c, key, r)
     r["background"] = c.boolean(f"{key}.background", r["background"])
     if kind == "anatomical":
         for k, hi in (("margin_mm", 200), ("deform_mm", 20), ("rotate_deg", 45), ("scale", 0.5),
@@ -300,7 +315,12 @@ def generate_dataset(recipe: str | Path | Mapping, out_dir: str | Path | None = 
     rows: list[dict] = []
     plan = subject_plan(resolved)
     for sid, gi, si, g in tqdm(plan, desc=f"simulate {resolved['name']}", disable=quiet, unit="subject"):
-        rows.extend(_write_subject(out, sid, gi, si, g, resolved, h))
+        if g["kind"] == "realistic":
+            from qsmlab.data.realistic.recipe_group import write_subject
+
+            rows.extend(write_subject(out, sid, gi, si, g, resolved, h, GENERATOR_VERSION, _fmt))
+        else:
+            rows.extend(_write_subject(out, sid, gi, si, g, resolved, h))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
     w.writeheader()

@@ -29,13 +29,15 @@ COSMOS_THRESHOLD = 0.01
 """Lower bound on ``sum_o D_o^2`` (:func:`qsmlab.recon.inversion.cosmos`'s default)."""
 
 
-def cosmos_b0_dirs(tilt_deg: float, rotations_deg: Sequence[Sequence[float]] = COSMOS_ROTATIONS_DEG
-                   ) -> list[np.ndarray]:
-    """B0 in the reference head's voxel axes for each extra head rotation R_o on top of the pitch ``tilt``:
-    the head's total rotation is ``R_o R_tilt`` and ``b0 = (R_o R_tilt)^T z``."""
+def cosmos_b0_dirs(tilt_deg: float | Sequence[float],
+                   rotations_deg: Sequence[Sequence[float]] = COSMOS_ROTATIONS_DEG) -> list[np.ndarray]:
+    """B0 in the reference head's voxel axes for each extra head rotation R_o on top of the reference scan's
+    head rotation R_ref (``tilt_deg``: a pitch about i in deg, or an [rx, ry, rz] rotation as in a recipe's
+    ``orientations``): the head's total rotation is ``R_o R_ref`` and ``b0 = (R_o R_ref)^T z``."""
     z = np.array([0.0, 0.0, 1.0])
-    r_tilt = Rotation.from_euler("xyz", [float(tilt_deg), 0.0, 0.0], degrees=True)
-    return [(Rotation.from_euler("xyz", r, degrees=True) * r_tilt).as_matrix().T @ z for r in rotations_deg]
+    base = [float(tilt_deg), 0.0, 0.0] if np.isscalar(tilt_deg) else [float(v) for v in tilt_deg]
+    r_ref = Rotation.from_euler("xyz", base, degrees=True)
+    return [(Rotation.from_euler("xyz", r, degrees=True) * r_ref).as_matrix().T @ z for r in rotations_deg]
 
 
 def cosmos_fit(fields: Sequence[np.ndarray], masks: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]],

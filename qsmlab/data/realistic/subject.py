@@ -267,6 +267,7 @@ def realistic_subject(
     b0_tesla: float = 3.0,
     cosmos: bool = False,
     params: RealismParams | None = None,
+    head_rotation_deg: Sequence[float] | None = None,
 ) -> RealisticSubject:
     """One realistic in-vivo-like subject (module docstring); arguments as
     :func:`qsmlab.data.invivo_like.invivo_like_subject`, plus:
@@ -275,6 +276,8 @@ def realistic_subject(
         components: names of the components on (``COMPONENTS``; default all), or a mapping name -> bool.
         cosmos: also simulate the COSMOS scans (``params.cosmos_rotations_deg``) and fit COSMOS.
         params: :class:`RealismParams` (published defaults).
+        head_rotation_deg: instead of ``tilt_deg``, any head rotation [rx, ry, rz] (extrinsic x-y-z Euler
+            angles, deg; a recipe's ``orientations``): ``b0 = R^T z``.
     Returns:
         :class:`RealisticSubject` (``meta["timings_s"]`` per stage).
     """
@@ -307,7 +310,10 @@ def realistic_subject(
             full = grid
     ph = _phantom(int(seed), vs, grid)
     crop = _crop_slices(full, shape if shape is not None else full)
-    b0 = cosmos_b0_dirs(tilt_deg, [(0.0, 0.0, 0.0)])[0]
+    ref_rot = tilt_deg if head_rotation_deg is None else [float(v) for v in head_rotation_deg]
+    if head_rotation_deg is not None and (len(ref_rot) != 3 or tilt_deg):
+        raise ValueError(f"head_rotation_deg must be [rx, ry, rz] (deg) with tilt_deg 0, got {head_rotation_deg!r}")
+    b0 = cosmos_b0_dirs(ref_rot, [(0.0, 0.0, 0.0)])[0]
     chi_full, labels_full = np.array(ph.chi), np.array(ph.labels)
     m0_full, r2_full = np.array(ph.m0), np.array(ph.r2star)
     veins = []
@@ -414,7 +420,7 @@ def realistic_subject(
     cos_map = cos_mask = cos_dirs = None
     if cosmos:
         t0 = time.perf_counter()
-        cos_dirs = cosmos_b0_dirs(tilt_deg, p.cosmos_rotations_deg)
+        cos_dirs = cosmos_b0_dirs(ref_rot, p.cosmos_rotations_deg)
         fields, masks = [], []
         for o, b in enumerate(cos_dirs):
             if o == 0 and np.allclose(b, b0):
