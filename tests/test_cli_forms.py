@@ -118,3 +118,35 @@ def test_two_forms_run_to_the_same_saved_config(exp, tmp_path, monkeypatch):
     assert saved[0] == saved[1]
     assert saved[0]["model"]["init_args"]["lambda_tv"] == pytest.approx(3e-3)
     assert saved[0]["trainer"]["limit_val_batches"] == 1 and saved[0]["trainer"]["max_epochs"] == 3
+
+
+def _readme_command_lines() -> list[list[str]]:
+    """``qsmlab fit|validate|test ...`` and ``make fit EXP=... FIT_ARGS="..."`` lines of the README, as argv."""
+    import re
+    import shlex
+
+    text = (EXPERIMENTS_DIR.parent / "README.md").read_text()
+    out = []
+    for line in text.splitlines():
+        line = line.split("  #")[0].strip()
+        if re.match(r"^qsmlab (fit|validate|test) ", line):
+            out.append(shlex.split(line)[1:])
+        elif m := re.match(r'^make fit EXP=(\S+)(?: FIT_ARGS="([^"]*)")?', line):
+            out.append(["fit", m.group(1), *shlex.split(m.group(2) or "")])
+    return out
+
+
+def test_every_readme_form_parses_and_resolves():
+    """Each documented command line is accepted and its files, profile and keys resolve (no data built)."""
+    from qsmlab.lab.config import load_experiment, profiles_of, set_dotted
+
+    lines = _readme_command_lines()
+    assert len(lines) >= 5 and any("--config" in a for a in lines) and any(
+        any(t.startswith("--config=") or "=" in t for t in a) for a in lines)
+    for argv in lines:
+        inv = parse_argv(argv[0], argv[1:])
+        profile = inv.profile or ("quick" if "quick" in profiles_of(inv.files) else None)
+        cfg = load_experiment(inv.files, profile)
+        for key, text in inv.overrides:
+            set_dotted(cfg, key, text, create=True)
+        assert cfg["model"]["class_path"].startswith("qsmlab.methods."), argv

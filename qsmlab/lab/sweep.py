@@ -44,8 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import torch
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
 from qsmlab.errors import QSMInputError
 from qsmlab.lab import config as C
+from qsmlab.lab.config_errors import ConfigError
+from qsmlab.lab.report import print_best, write_report
+from qsmlab.lab.run import RunOptions, execute
+from qsmlab.lab.run import prepare as prepare_run
 from qsmlab.lab.storage import is_url, open_storage, storage_url
 from qsmlab.lab.sweep_spec import SweepSpec, load_sweep, make_pruner, make_sampler
 
@@ -111,9 +120,6 @@ def _enqueue_retry(study, trial) -> None:
 
 def recover_dead_trials(study) -> list[int]:
     """Fail the RUNNING trials of dead local workers and enqueue each one's parameters again, once."""
-    import optuna
-    from optuna.trial import TrialState
-
     storage = study._storage
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -139,15 +145,12 @@ def heartbeat_stale(study, trial) -> None:
 def budget_used(study) -> int:
     """Trials that count toward ``n_trials``: all but the failed ones that were retried (crashed or
     interrupted trials, heartbeat-stale ones; their retry counts instead)."""
-    from optuna.trial import TrialState
-
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials} - {None}
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
 
 def _waiting(study) -> bool:
-    from optuna.trial import TrialState
 
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
@@ -172,8 +175,6 @@ def pruning_callback(trial, monitor: str):
     with Lightning 2.6), except that the run's last validation is reported but never pruned: a trial that
     has already paid for its whole training keeps its result (COMPLETE with its value) instead of being
     discarded as PRUNED at the finish line."""
-    from optuna_integration import PyTorchLightningPruningCallback
-
     class _Callback(PyTorchLightningPruningCallback):
         def on_validation_end(self, trainer, pl_module) -> None:
             if not self.is_ddp_backend and not trainer.sanity_checking and _final_validation(trainer):
@@ -201,15 +202,10 @@ def _fmt(v: Any) -> str:
 
 class TrialObjective:
     """Optuna objective: suggest the parameters, run ``fit`` in the trial's folder, return the metric."""
-
     def __init__(self, spec: SweepSpec, base_cfg: dict, study_dir: Path):
         self.spec, self.base_cfg, self.study_dir = spec, base_cfg, study_dir
 
     def __call__(self, trial) -> float:
-        import optuna
-
-        from qsmlab.lab.run import RunOptions, execute
-
         spec = self.spec
         trial.set_user_attr(ATTR_WORKER, worker_id())
         params = {name: p.suggest(trial) for name, p in spec.search_space.items()}
@@ -260,8 +256,6 @@ class TrialObjective:
 
 def progress_line(study, t, metric: str) -> str:
     """One line per finished trial: number, state, params, objective, best so far."""
-    from optuna.trial import TrialState
-
     params = "  ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
     if t.state == TrialState.COMPLETE:
         what = f"{metric}={t.value:.4g}"
@@ -287,9 +281,6 @@ def worker_loop(spec: SweepSpec, storage: str | None, study_dir: Path, base_cfg:
                 n_workers: int = 1, deadline: float | None = None, stop_after: int | None = None) -> int:
     """Run trials until the budget is spent (or ``deadline``, or ``stop_after`` trials of this worker).
     Returns the number of trials this worker ran."""
-    import optuna
-    import torch
-
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one progress line per trial is printed instead
     for name in ("lightning.pytorch", "lightning.fabric"):  # per-trial banners (seed, GPU available, tips)
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -336,10 +327,6 @@ def check_classes(spec: SweepSpec, cfg: dict, study_dir: Path) -> None:
     """Build the base config's model, datamodule and trainer once (nothing is written): a value only a
     constructor rejects (``trainer.max_steps: -5``, an unknown subject) fails here in one line instead of
     in every trial."""
-    from qsmlab.lab.config_errors import ConfigError
-    from qsmlab.lab.run import RunOptions
-    from qsmlab.lab.run import prepare as prepare_run
-
     try:
         prepare_run(RunOptions("fit", cfg, study_dir / "trials" / "check", given=spec.overrides))
     except ConfigError as e:
@@ -351,8 +338,6 @@ def prepare(sweep: str | Path, *, storage: str | None = None, n_trials: int | No
             timeout: float | None = None, workers: int | None = None, study: str | None = None):
     """Every check that must pass before training: sweep file, keys, sampler/pruner arguments, storage.
     Returns ``(spec, base_cfg, study_dir, optuna_storage)`` with the study created (or loaded)."""
-    import optuna
-
     spec = load_sweep(sweep)
     if n_trials is not None:
         if n_trials < 1:
@@ -396,10 +381,6 @@ def run_sweep(sweep: str | Path, *, storage: str | None = None, n_trials: int | 
               timeout: float | None = None, workers: int | None = None, study: str | None = None,
               quiet: bool = False) -> SweepOutcome:
     """``qsmlab sweep``: see the module docstring."""
-    import optuna
-
-    from qsmlab.lab.report import print_best, write_report
-
     t0 = time.time()
     spec, base_cfg, sdir, st = prepare(sweep, storage=storage, n_trials=n_trials, timeout=timeout,
                                        workers=workers, study=study)

@@ -33,10 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from qsmlab.errors import QSMInputError
 from qsmlab.lab import config as C
+from qsmlab.lab.config_errors import ConfigError
+from qsmlab.lab.lightning_cli import check_config
+from qsmlab.lab.tracking import parse_logger_names
+from qsmlab.metrics import METRIC_INFO, TORCH_METRICS
 
 TOP_KEYS = ("experiment", "profile", "study", "overrides", "search_space", "objective", "sampler", "pruner",
             "n_trials", "timeout", "workers", "loggers", "description")
@@ -55,13 +60,10 @@ EXTRA_METRICS = {"val/dc": "minimize", "val/loss": "minimize", "val/dice": "maxi
 def logged_metrics() -> list[str]:
     """Metrics qsmlab methods log once per validation (full volumes): ``val/<metric>`` for each of
     :data:`qsmlab.metrics.TORCH_METRICS`, then :data:`EXTRA_METRICS`."""
-    from qsmlab.metrics import TORCH_METRICS
-
     return [f"val/{m}" for m in TORCH_METRICS] + list(EXTRA_METRICS)
 
 
 def metric_direction(metric: str) -> str:
-    from qsmlab.metrics import METRIC_INFO
 
     if metric in EXTRA_METRICS:
         return EXTRA_METRICS[metric]
@@ -209,7 +211,6 @@ def load_sweep(path: str | Path, check_keys: bool = True) -> SweepSpec:
     n_trials = int(raw.get("n_trials", 10))
     if n_trials < 1:
         raise _err(p, f"n_trials: expected a positive integer, got {n_trials}")
-    from qsmlab.lab.tracking import parse_logger_names
 
     spec = SweepSpec(
         path=p, experiment=exp, profile=raw.get("profile", C.DEFAULT_PROFILE), study=str(raw.get("study", p.stem)),
@@ -242,8 +243,6 @@ def check_against_config(spec: SweepSpec) -> dict:
             hint = C.closest_key(cfg, key)
             raise _err(spec.path, f"search_space key {key!r} does not exist in the resolved config of "
                                   f"{Path(spec.experiment).stem}" + (f" (closest: {hint!r})" if hint else "")) from None
-    from qsmlab.lab.config_errors import ConfigError
-    from qsmlab.lab.lightning_cli import check_config
 
     try:
         check_config(cfg, given=spec.overrides)
@@ -256,8 +255,6 @@ def check_against_config(spec: SweepSpec) -> dict:
 def make_sampler(spec: SweepSpec, seed_offset: int = 0):
     """The Optuna sampler of the spec; ``seed_offset`` keeps workers (and resumed sweeps) from drawing the
     same random start-up points (a fixed seed would repeat them)."""
-    import optuna
-
     kw = {k: v for k, v in spec.sampler.items() if k != "name"}
     seed = kw.pop("seed", None)
     name = spec.sampler["name"]
@@ -270,7 +267,6 @@ def make_sampler(spec: SweepSpec, seed_offset: int = 0):
 
 
 def make_pruner(spec: SweepSpec):
-    import optuna
 
     kw = {k: v for k, v in spec.pruner.items() if k != "name"}
     return {

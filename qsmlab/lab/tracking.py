@@ -1,4 +1,4 @@
-"""Loggers of a run: W&B and CSV by default, TensorBoard on request (DESIGN.md section 5).
+"""Loggers of a run: W&B and CSV by default, TensorBoard on request (docs/architecture.md, section 6).
 
 W&B mode: whatever the user chose (``WANDB_MODE``, ``wandb online``/``offline``) wins. When nothing is
 chosen and no API key is configured (``WANDB_API_KEY`` or a ``.netrc`` entry for the W&B host), qsmlab sets
