@@ -28,6 +28,7 @@ examples:
   qsmlab bids /data/study -o /data/study/derivatives/qsmlab
   qsmlab bids /data/study -o out --mask /data/study/derivatives/bet --participant-label 01 02 --workers 2
   qsmlab bids /data/study -o out --reference /data/study/derivatives/cosmos --reference-desc cosmos
+  qsmlab bids /data/study -o /data/study/derivatives/qsmlab-uqsm --inversion ckpt:runs/uqsm_tv/quick/version_0/checkpoints/last.ckpt
 """
 
 
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-desc", metavar="DESC", help="only reference Chimaps with desc-DESC")
     p.add_argument("--unwrap", default="region", metavar="NAME", help="spatial unwrapper (default region)")
     p.add_argument("--bfr", default="vsharp", metavar="NAME", help="background removal (default vsharp)")
-    p.add_argument("--inversion", default="tv", metavar="NAME", help="dipole inversion (default tv, alpha auto)")
+    p.add_argument("--inversion", default="tv", metavar="NAME",
+                   help="dipole inversion (default tv, alpha auto), or ckpt:PATH for a trained method's checkpoint")
     for opt, what in (("--unwrap-param", "unwrapper"), ("--bfr-param", "background method"),
                       ("--inv-param", "inversion"), ("--mask-param", "automatic mask")):
         p.add_argument(opt, nargs="+", action="extend", default=[], metavar="K=V", help=f"parameters of the {what}")
@@ -67,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from qsmlab.data.bids_prepare import prepare_dataset
+    from qsmlab.methods.checkpoint_recon import install as _install_ckpt
 
+    _install_ckpt()  # --inversion ckpt:PATH: a trained method's chi as the Chimap (predict to derivatives)
     cfg = config_from_args(args)
     manifest, done, failed = prepare_dataset(
         args.bids_dir, args.output, cfg, participant_labels=args.participant_label, workers=args.workers,

@@ -108,23 +108,24 @@ def classical_default(scan) -> np.ndarray:
             quiet=True)
 
 
-def score_without_reference(scan, maps: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per method: data consistency ``dc`` (%) and agreement with :func:`classical_default` (see
-    :data:`NO_REFERENCE_METRICS`); maps are chi (ppm) on the scan's grid."""
+def score_without_reference(scan, maps: dict[str, np.ndarray], agreement: bool = True) -> dict[str, dict[str, float]]:
+    """Per method: data consistency ``dc`` (%) and, with ``agreement``, agreement with
+    :func:`classical_default` (see :data:`NO_REFERENCE_METRICS`); maps are chi (ppm) on the scan's grid."""
     from qsmlab.metrics import nrmse
     from qsmlab.physics import DipoleOperator
 
     m = scan.mask
     op = DipoleOperator(voxel_size=scan.voxel_size, b0_dir=scan.b0_dir, pad_factor=2.0)
     f = scan.field * m
-    ref = classical_default(scan)
+    ref = classical_default(scan) if agreement else None
     out = {}
     for name, chi in maps.items():
         r = (op.A(chi * m) - f) * m
-        a, b = chi[m] - chi[m].mean(), ref[m] - ref[m].mean()
-        corr = float((a * b).sum() / max(np.sqrt((a**2).sum() * (b**2).sum()), 1e-30))
-        out[name] = {"dc": float(100 * np.linalg.norm(r) / max(np.linalg.norm(f), 1e-30)),
-                     "nrmse_vs_classical": float(nrmse(chi, ref, m)), "corr_vs_classical": corr}
+        out[name] = {"dc": float(100 * np.linalg.norm(r) / max(np.linalg.norm(f), 1e-30))}
+        if ref is not None:
+            a, b = chi[m] - chi[m].mean(), ref[m] - ref[m].mean()
+            out[name]["corr_vs_classical"] = float((a * b).sum() / max(np.sqrt((a**2).sum() * (b**2).sum()), 1e-30))
+            out[name]["nrmse_vs_classical"] = float(nrmse(chi, ref, m))
     return out
 
 
@@ -204,7 +205,7 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
             from qsmlab.data.nifti import load_nifti
 
             maps[exp_name] = load_nifti(pred, np.float32).data
-        extra = score_without_reference(scan, maps)
+        extra = score_without_reference(scan, maps, agreement=scan.chi is None)  # dc always; TV-auto if no chi
         for row in rows[-2:]:
             row.update(extra[row["method"]])
         for k, v in extra.get(exp_name, {}).items():
