@@ -199,13 +199,55 @@ def estimate_noise_std(field: np.ndarray, mask: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(v - np.median(v))) / np.sqrt(42.0))
 
 
-def noise_target(field: np.ndarray, mask: np.ndarray, noise_std: float | None, scale: float
-                 ) -> tuple[float, str, float]:
-    """(sigma in ppm, where it came from, sigma in the solver's units field / scale)."""
+#: The discrepancy target is ``max(noise, MODEL_ERROR_FACTOR * m_T)`` with ``m_T`` the misfit, measured with
+#: the method's own data term, of closed-form Tikhonov at its GCV weight (:func:`tikhonov_gcv`). 0 turns
+#: the model-error term off (the noise alone, Morozov's original target).
+MODEL_ERROR_FACTOR = 0.0
+
+
+def tikhonov_gcv(field: np.ndarray, mask: np.ndarray, voxel_size, b0_dir, pad_factor: float = 1.0
+                 ) -> tuple[np.ndarray, float]:
+    """Closed-form Tikhonov chi (ppm, masked) at its GCV weight, and that weight; nothing recorded.
+
+    The GCV weight was measured right on a real scan (issue 15: cfl2 at GCV 60.8 % vs the best TV by hand
+    62.7 %), where the noise-based discrepancy principle chose TV/MEDI/NDI weights 4-5x too small: GCV
+    treats whatever a regularised dipole fit cannot explain -- noise *and* model error (anisotropy,
+    sub-voxel veins, background-removal residue) -- as the error to leave in the residual.
+    """
+    from qsmlab.recon.inversion.cfl2 import (
+        TIKHONOV_AUTO_FALLBACK,
+        TIKHONOV_AUTO_GRID,
+        cfl2_filter,
+        cfl2_gcv,
+        gcv_minimum,
+    )
+    from qsmlab.recon.inversion.tkd import kspace_inverse
+
+    g = cfl2_gcv(field, mask, TIKHONOV_AUTO_GRID, voxel_size, b0_dir, pad_factor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutoWarning)
+        lam = gcv_minimum("auto", "lam", TIKHONOV_AUTO_GRID, g, fallback=TIKHONOV_AUTO_FALLBACK).value
+    chi = kspace_inverse(field, mask, lambda D, s, vs: cfl2_filter(D, s, vs, lam, "identity"), "cfl2",
+                         (float(lam), "identity"), voxel_size, b0_dir, pad_factor)
+    return chi, float(lam)
+
+
+def noise_target(field: np.ndarray, mask: np.ndarray, noise_std: float | None, scale: float,
+                 model_error: Callable[[], float] | None = None) -> tuple[float, str, float]:
+    """(sigma in ppm, where it came from, sigma in the solver's units field / scale).
+
+    ``model_error`` (optional) returns ``m_T`` in the solver's units (see :data:`MODEL_ERROR_FACTOR`); it is
+    called only when the factor is > 0, and the target is the larger of the noise and the scaled ``m_T``.
+    """
     if noise_std is not None:
-        return float(noise_std), "given", float(noise_std) / scale
-    s = estimate_noise_std(field, mask)
-    return s, "high-pass estimate", s / scale
+        s, source = float(noise_std), "given"
+    else:
+        s, source = estimate_noise_std(field, mask), "high-pass estimate"
+    if model_error is not None and MODEL_ERROR_FACTOR > 0:
+        m = MODEL_ERROR_FACTOR * float(model_error()) * scale
+        if m > s:
+            return m, f"{MODEL_ERROR_FACTOR:g} x GCV-Tikhonov misfit; noise {s:.2g} ppm ({source})", m / scale
+    return s, source, s / scale
 
 
 def discrepancy_search(method: str, parameter: str, weights: Sequence[float],

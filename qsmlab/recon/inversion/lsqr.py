@@ -349,7 +349,12 @@ def lsqr_inversion(
     torch.mul(torch.from_numpy(field.astype(dt)), w, out=b[0])
     stop, count = None, [0]
     if max_iter == auto.AUTO:
-        sigma, source, _ = auto.noise_target(field, mask, noise_std, 1.0)
+        def tikhonov_misfit() -> float:  # auto.MODEL_ERROR_FACTOR's m_T with this solver's data term
+            chi_t, _ = auto.tikhonov_gcv(field, mask, voxel_size, b0_dir, pad_factor)
+            r = dipole(torch.from_numpy(chi_t.astype(dt))).sub_(torch.from_numpy(field.astype(dt))).mul_(w)
+            return sqrt(_dot(r, r) / _dot(w, w))
+
+        sigma, source, _ = auto.noise_target(field, mask, noise_std, 1.0, tikhonov_misfit)
         target = sigma * float(np.sqrt(np.sum(w.numpy().astype(np.float64) ** 2)))  # ||W n|| for noise n
         rnorms: list[float] = []
 

@@ -38,6 +38,7 @@ from qsmlab.recon.inversion.tv import (
     check_iterations,
     check_positive,
     prepare,
+    tikhonov_misfit,
     zeros,
 )
 from qsmlab.recon.registry import register
@@ -189,7 +190,7 @@ def medi(
         t0 = time.perf_counter()
         n = p.shape
         sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask,
-                                                     noise_std, p.scale)
+                                                     noise_std, p.scale, tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn)))
 
         def solve(a: float) -> tuple[float, int]:
             before = gn.n_cg

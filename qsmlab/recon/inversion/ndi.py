@@ -39,6 +39,7 @@ from qsmlab.recon.inversion.tv import (
     check_positive,
     complex_filter,
     prepare,
+    tikhonov_misfit,
     zeros,
 )
 from qsmlab.recon.registry import register
@@ -170,7 +171,7 @@ def ndi(
         t0 = time.perf_counter()
         n = p.shape
         sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask,
-                                                     noise_std, p.scale)
+                                                     noise_std, p.scale, tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn)))
 
         def solve(tk: float) -> tuple[float, int]:
             mon_ = Monitor(AUTO_ITERATIONS, 0.0, "NDI", True)

@@ -99,6 +99,8 @@ class Problem:
     D: np.ndarray                 # half-spectrum dipole kernel on grid
     voxel_size: tuple[float, float, float]
     scale: float = 1.0            # ppm: the solver works on field / scale (see :func:`field_scale`)
+    b0_dir: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    pad_factor: float = 1.0
 
     def __post_init__(self):
         self.Dc = complex_filter(self.D)
@@ -191,7 +193,24 @@ def prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor: float, metho
     w2[: n[0], : n[1], : n[2]] = w * w
     # The kernel of the padded grid itself: the solver's circular convolution lives on that grid.
     D = op.kernel(grid, dtype=DTYPE)
-    return Problem(tuple(n), grid, fp, w2, m, D, vs, scale)
+    return Problem(tuple(n), grid, fp, w2, m, D, vs, scale, tuple(float(b) for b in op.b0_dir[0]),
+                   float(pad_factor))
+
+
+def tikhonov_misfit(p: Problem, misfit: Callable[[Problem, np.ndarray], float]) -> Callable[[], float]:
+    """``m_T`` of :data:`qsmlab.recon.inversion.auto.MODEL_ERROR_FACTOR`: the misfit (solver units, measured
+    by the method's own ``misfit``) of closed-form Tikhonov at its GCV weight on the same field."""
+    from qsmlab.recon.inversion import auto
+
+    def run() -> float:
+        n = p.shape
+        f = np.asarray(p.field[: n[0], : n[1], : n[2]], np.float64)
+        chi, _ = auto.tikhonov_gcv(f, p.mask, p.voxel_size, p.b0_dir, p.pad_factor)
+        x = np.zeros(p.grid, DTYPE)
+        x[: n[0], : n[1], : n[2]] = chi
+        return misfit(p, x)
+
+    return run
 
 
 # A data prox in dual form: ``dual(s_u, v)`` writes ``s_u = v - prox(v)`` (torch tensors, in place), where
@@ -349,7 +368,7 @@ def admm_auto(p: Problem, prox: Callable[[float], DataProx], method: str, *, noi
     t0 = time.perf_counter()
     n = p.shape
     sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask, noise_std,
-                                                 p.scale)
+                                                 p.scale, tikhonov_misfit(p, misfit))
     state = None
     dual = prox(mu_field)
 
