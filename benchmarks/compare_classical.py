@@ -127,6 +127,38 @@ def invivo_case(seed: int, tilt: float = 0.0, snr: float = 60.0, voxel_size=(1.0
     return c
 
 
+def realistic_case(seed: int, tilt: float = 0.0, voxel_size=(1.0, 1.0, 1.0), shape=(80, 80, 80)) -> dict:
+    """One case of the realistic recipe (:func:`qsmlab.data.realistic.realistic_subject`, every model-error
+    component on, simulated COSMOS): the local field V-SHARP made of the echo fit of the noisy fine-grid
+    signal, its valid mask, the scalar truth (``chi``) and the simulated COSMOS map (``cosmos``; scored in
+    ``valid & cosmos_mask``). Cached like the clean cases (COSMOS costs minutes)."""
+    from qsmlab.data.realistic.subject import realistic_subject
+
+    key = hashlib.sha1(json.dumps([seed, tilt, list(voxel_size), list(shape), "realistic", 1]).encode()).hexdigest()[:12]
+    path = CACHE / f"realistic_{seed}_{tilt:g}_{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            c = {k: z[k] for k in z.files}
+    else:
+        r = realistic_subject(seed, voxel_size=tuple(voxel_size), tilt_deg=tilt, shape=tuple(shape), cosmos=True)
+        m = r.valid_mask
+        err = (r.local_field - r.local_field_scalar)[m]
+        c = {"chi": r.chi * m, "mask": m, "field": r.local_field.astype(np.float32),
+             "magnitude": np.sqrt(np.mean(r.magnitude.astype(np.float64) ** 2, axis=-1)).astype(np.float32),
+             "b0_dir": np.asarray(r.b0_dir), "voxel_size": np.asarray(r.voxel_size),
+             "cosmos": (r.cosmos * r.cosmos_mask).astype(np.float32), "cosmos_mask": r.cosmos_mask & m,
+             "field_rms": float(np.sqrt(np.mean(r.local_field[m] ** 2))),
+             "error_rms": float(np.sqrt(np.mean((err - err.mean()) ** 2))), "noise_sd": float(r.noise_std_ppm),
+             "name": f"r{seed}_snr60_tilt{tilt:g}" + _vs_tag(voxel_size)}
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **c)
+        tmp.replace(path)
+    c["voxel_size"] = tuple(float(v) for v in c["voxel_size"])
+    c.update({k: float(c[k]) for k in ("field_rms", "error_rms", "noise_sd")}, name=str(c["name"]))
+    return c
+
+
 # method -> (auto parameter or None, the pre-issue-9 fixed parameters, oracle grid factors around the
 # default's value, extra parameters for every call)
 METHODS = {
@@ -141,6 +173,7 @@ METHODS = {
     "medi": ("alpha", {"alpha": 5e-5}, (0.33, 3.0), {}),
 }
 THRESHOLD_DEFAULT = {"tkd": 0.19, "tsvd": 0.2}
+ALT_FACTOR: float | None = None  # --compare-factor
 
 
 def _nrmse(x, ref, m) -> float:
@@ -162,7 +195,15 @@ def _chosen(name: str, param: str) -> float | None:
     return None if v is None else float(v)
 
 
-def run_method(c: dict, name: str) -> dict:
+def _misfit(x: np.ndarray, c: dict) -> float:
+    """In-mask RMS of ``A chi - f`` (ppm, unweighted, periodic as the solvers' default)."""
+    from qsmlab.physics import DipoleOperator
+
+    r = DipoleOperator(c["voxel_size"], tuple(c["b0_dir"]), 1.0).A(x) - c["field"]
+    return float(np.sqrt(np.mean(r[c["mask"]] ** 2)))
+
+
+def run_method(c: dict, name: str, reference: str = "truth") -> dict:
     """Default / auto / oracle / fixed results of one method on one case (see the module docstring)."""
     import warnings
 
@@ -176,26 +217,47 @@ def run_method(c: dict, name: str) -> dict:
     defaults = registry.parameters(fn)
     is_auto = registry.is_auto(defaults.get(param))
 
+    ref, rmask = (c["cosmos"], c["cosmos_mask"]) if reference == "cosmos" else (chi, m)
+
     def call(**params):
         auto.clear()
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", auto.AutoWarning)
             x = fn(f, m, **kw, **extra, **params)
-        return _nrmse(x, chi, m), time.perf_counter() - t0, [str(w.message) for w in caught]
+        sec = time.perf_counter() - t0
+        e = _nrmse(x, ref, rmask)
+        if "cosmos" in c:  # the other reference, for the record
+            other[len(other)] = (_nrmse(x, chi, m) if reference == "cosmos" else _nrmse(x, c["cosmos"],
+                                                                                     c["cosmos_mask"]))
+        misfits[len(misfits)] = _misfit(x, c)
+        return e, sec, [str(w.message) for w in caught]
+
+    other: dict = {}
+    misfits: dict = {}
 
     e, sec, warn = call()
     value = _chosen(name, param) if is_auto else (THRESHOLD_DEFAULT.get(name) or defaults.get(param))
-    row = {"case": c["name"], "method": name, "param": param, "default_value": value,
+    alt = {}
+    if is_auto and ALT_FACTOR is not None:  # auto with the other model-error factor, for the comparison
+        keep, auto.MODEL_ERROR_FACTOR = auto.MODEL_ERROR_FACTOR, ALT_FACTOR
+        try:
+            ea, _, _ = call()
+            alt = {"alt_factor": ALT_FACTOR, "alt_auto_value": _chosen(name, param), "alt_auto_nrmse": ea,
+                   "alt_auto_other_nrmse": other.get(len(other) - 1, float("nan"))}
+        finally:
+            auto.MODEL_ERROR_FACTOR = keep
+    row = {"case": c["name"], "method": name, "param": param, "reference": reference, "default_value": value,
            "default_nrmse": e, "default_s": sec, "auto_nrmse": e if is_auto else float("nan"),
-           "auto_s": sec if is_auto else float("nan"), "warnings": " | ".join(warn)}
+           "auto_s": sec if is_auto else float("nan"), "auto_misfit": misfits[0],
+           "auto_other_nrmse": other.get(0, float("nan")), "warnings": " | ".join(warn), **alt}
     grid: dict = {}
 
     def at(v):
         v = int(round(v)) if param == "max_iter" else float(v)
         if v not in grid:
             ev, sv, _ = call(**{param: v})
-            grid[v] = (ev, sv)
+            grid[v] = (ev, sv, misfits[len(misfits) - 1], other.get(len(other) - 1, float("nan")))
         return grid[v]
 
     base = float(value)
@@ -212,7 +274,13 @@ def run_method(c: dict, name: str) -> dict:
             break
     best = min(grid, key=lambda k: grid[k][0])
     row.update(oracle_value=best, oracle_nrmse=grid[best][0], oracle_s=grid[best][1], solve_s=one_s,
-               auto_over_solve=(sec / one_s) if is_auto else float("nan"))
+               auto_over_solve=(sec / one_s) if is_auto else float("nan"), oracle_misfit=grid[best][2],
+               oracle_other_nrmse=grid[best][3], noise_sd=c["noise_sd"],
+               oracle_misfit_over_noise=grid[best][2] / c["noise_sd"] if c["noise_sd"] > 0 else float("nan"),
+               oracle_weight_over_auto=(best / value) if is_auto and value else float("nan"))
+    if "cosmos" in c:  # the same grid scored against the simulated COSMOS
+        bc = min(grid, key=lambda k: grid[k][3])
+        row.update(cosmos_default_nrmse=other[0], cosmos_oracle_value=bc, cosmos_oracle_nrmse=grid[bc][3])
     if fixed:
         ef, sf, _ = call(**fixed)
         row.update(fixed_nrmse=ef, fixed_s=sf)
@@ -252,7 +320,30 @@ def summarise(rows: list[dict]) -> str:
         "auto vs oracle, worst case %": g["auto_vs_oracle_%"].max(),
         "auto/solve (max)": g.auto_over_solve.max(),
         "beats TKD (cases)": g.beats_tkd.sum().astype(int).astype(str) + "/" + g.size().astype(str),
-    }).reset_index()
+    })
+    if "cosmos_oracle_nrmse" in df and df.cosmos_oracle_nrmse.notna().any():
+        ctkd = df[df.method == "tkd"].set_index("case")["cosmos_default_nrmse"]
+        df["cosmos_auto_vs_oracle_%"] = 100.0 * (df.cosmos_default_nrmse / df.cosmos_oracle_nrmse - 1.0)
+        df["cosmos_beats_tkd"] = [r.cosmos_default_nrmse < ctkd[r.case] for r in df.itertuples()]
+        g = df.groupby("method", sort=False)
+        summ["default % (COSMOS)"] = g.cosmos_default_nrmse.mean()
+        summ["oracle % (COSMOS)"] = g.cosmos_oracle_nrmse.mean()
+        summ["auto vs oracle, worst case % (COSMOS)"] = g["cosmos_auto_vs_oracle_%"].max()
+        summ["beats TKD (COSMOS)"] = g.cosmos_beats_tkd.sum().astype(int).astype(str) + "/" + g.size().astype(str)
+    if "alt_auto_nrmse" in df and df.alt_auto_nrmse.notna().any():
+        df["alt_vs_oracle_%"] = 100.0 * (df.alt_auto_nrmse / df.oracle_nrmse - 1.0)
+        g = df.groupby("method", sort=False)
+        f0 = df.alt_factor.dropna().iloc[0]
+        summ[f"auto % (factor {f0:g})"] = g.alt_auto_nrmse.mean()
+        summ[f"auto vs oracle, worst % (factor {f0:g})"] = g["alt_vs_oracle_%"].max()
+        if "cosmos_oracle_nrmse" in df and df.cosmos_oracle_nrmse.notna().any():
+            df["alt_cosmos_vs_oracle_%"] = 100.0 * (df.alt_auto_other_nrmse / df.cosmos_oracle_nrmse - 1.0)
+            g = df.groupby("method", sort=False)
+            summ[f"auto vs oracle, worst % (COSMOS, factor {f0:g})"] = g["alt_cosmos_vs_oracle_%"].max()
+    if "oracle_misfit_over_noise" in df:
+        summ["oracle misfit / noise"] = g.oracle_misfit_over_noise.mean()
+        summ["oracle weight / auto's"] = g.oracle_weight_over_auto.mean()
+    summ = summ.reset_index()
     return _markdown(summ)
 
 
@@ -270,12 +361,27 @@ def main() -> None:
                     help="mm; 0.5 0.5 2 is the anisotropic in-vivo-like case set (issue 9)")
     ap.add_argument("--crop", type=int, default=None, help="cut the centre (voxels per axis) for a faster run")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--recipe", choices=("clean", "realistic"), default="clean",
+                    help="clean: invivo_case (the issue-9 subjects); realistic: realistic_case (qsmlab.data.realistic, "
+                         "every model-error component, simulated COSMOS; --snr is then the recipe's)")
+    ap.add_argument("--compare-factor", type=float, default=None,
+                    help="also run auto with this model-error factor (columns alt_*), e.g. 0 for the noise-only target")
+    ap.add_argument("--model-error-factor", type=float, default=None,
+                    help="override qsmlab.recon.inversion.auto.MODEL_ERROR_FACTOR (0: the noise-only target)")
     ap.add_argument("--cache-only", action="store_true", help="build the cached subjects and stop")
     ap.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
                     help="summarise inversions.csv files of earlier runs (e.g. one per seed, run in parallel)")
     a = ap.parse_args()
     rows = []
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.model_error_factor is not None:
+        from qsmlab.recon.inversion import auto
+
+        auto.MODEL_ERROR_FACTOR = float(a.model_error_factor)
+    if a.recipe == "realistic":
+        a.snr = [60.0]
+    global ALT_FACTOR
+    ALT_FACTOR = a.compare_factor
     if a.from_csv:
         rows = pd.concat([pd.read_csv(p) for p in a.from_csv]).to_dict("records")
         pd.DataFrame(rows).to_csv(a.out / "inversions.csv", index=False)
@@ -283,12 +389,15 @@ def main() -> None:
         a.snr = sorted({float(r["case"].split("_")[1][3:]) for r in rows})
         a.tilt = sorted({float(r["case"].split("_")[2][4:]) for r in rows})
     if a.shape is None:
-        a.shape = [160, 160, 40] if list(a.voxel_size) == [0.5, 0.5, 2.0] else [96, 96, 96]
+        big = a.recipe == "clean"
+        a.shape = ([160, 160, 40] if big else [128, 128, 40]) if list(a.voxel_size) == [0.5, 0.5, 2.0] else \
+            ([96, 96, 96] if big else [80, 80, 80])
     for seed in a.seeds if not a.from_csv else []:
         for tilt in a.tilt:
             for snr in a.snr:
                 t0 = time.perf_counter()
-                c = invivo_case(seed, tilt, snr, voxel_size=tuple(a.voxel_size), shape=a.shape, crop=a.crop)
+                c = (invivo_case(seed, tilt, snr, voxel_size=tuple(a.voxel_size), shape=a.shape, crop=a.crop)
+                     if a.recipe == "clean" else realistic_case(seed, tilt, tuple(a.voxel_size), a.shape))
                 print(f"{c['name']}: field rms {c['field_rms']:.4f} ppm, error rms {c['error_rms']:.4f}, "
                       f"noise sd {c['noise_sd']:.4f}, {c['mask'].sum()} voxels ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
@@ -302,11 +411,16 @@ def main() -> None:
     grids = {"1x1x1": "96^3", "0.5x0.5x2": "160 x 160 x 40"}
     where = (f"{a.shape if a.crop is None else [a.crop] * 3} at {' x '.join(f'{v:g}' for v in a.voxel_size)} mm"
              if not a.from_csv else ", ".join(f"{v} mm ({grids.get(v, '?')})" for v in sets))
-    text = (f"## Classical inversions on in-vivo-like subjects: mean over {len(set(r['case'] for r in rows))} cases "
+    from qsmlab.recon.inversion import auto
+
+    text = (f"## Classical inversions on {a.recipe} in-vivo-like subjects (auto's model-error factor "
+            f"{auto.MODEL_ERROR_FACTOR:g}): mean over {len(set(r['case'] for r in rows))} cases "
             f"(seeds {a.seeds}, SNR {a.snr}, tilt {a.tilt} deg; {where})"
             "\n\nDemeaned NRMSE (%) in the valid mask; times in s on this machine.\n\n" + summarise(rows))
-    per_case = pd.DataFrame(rows)[["case", "method", "param", "default_value", "default_nrmse", "auto_nrmse",
-                                   "oracle_value", "oracle_nrmse", "auto_over_solve"]]
+    cols = ["case", "method", "param", "default_value", "default_nrmse", "auto_nrmse", "oracle_value",
+            "oracle_nrmse", "auto_over_solve", "cosmos_default_nrmse", "cosmos_oracle_value", "cosmos_oracle_nrmse",
+            "auto_misfit", "oracle_misfit", "noise_sd"]
+    per_case = pd.DataFrame(rows)[[k for k in cols if k in pd.DataFrame(rows)]]
     text += "\n\n### Per case\n\n" + _markdown(per_case) + "\n"
     (a.out / "summary.md").write_text(text)
     print("\n" + text)
