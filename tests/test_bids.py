@@ -157,8 +157,10 @@ def test_bids_rerun_redoes_only_deleted(raw, prepared, tmp_path):
             assert p.stat().st_mtime_ns == t  # untouched
     assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").is_file()
     # another configuration is not "finished": everything is redone
-    _, done, _ = prepare_dataset(raw, out, PrepareConfig(inversion="tkd", bfr="sharp"), quiet=True)
+    _, done, _ = prepare_dataset(raw, out, PrepareConfig(inversion="tkd", bfr="sharp"), quiet=True, workers=2)
     assert sorted(done) == ["sub-01_ses-1_run-1", "sub-02"]
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["GeneratedBy"][0]["Configuration"]["bfr"] == "sharp"
 
 
 def test_bids_given_masks(raw, tmp_path):
@@ -280,3 +282,13 @@ def test_hybrid_manifest_trains_uqsm_tv(prepared, tmp_path, monkeypatch):
             "--data.train_subjects", "[sub-00, sub-01, sub-02]", "--data.val_subjects", "[]",
             "--trainer.fast_dev_run", "1", "--trainer.val_check_interval", "1", "--loggers", "csv"]
     assert main(argv) == 0
+
+
+def test_bids_b0_dir_sidecar_wins(small_raw):
+    """A B0_dir key (inherited from a top-level sidecar) overrides the affine's direction."""
+    (small_raw / "part-phase_MEGRE.json").write_text(json.dumps({"B0_dir": [0, 0.6, 0.8]}))
+    (acq,) = find_acquisitions(small_raw)
+    assert acq.b0_dir == pytest.approx((0.0, 0.6, 0.8))
+    (small_raw / "part-phase_MEGRE.json").unlink()
+    (acq,) = find_acquisitions(small_raw)
+    assert acq.b0_dir is None  # then the affine decides (test_bids_derivatives: the oblique sub-02)
