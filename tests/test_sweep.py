@@ -238,3 +238,52 @@ def test_ddp_spawn_trial_with_rdb_storage_reports_to_the_study(lab, tmp_path):
     assert cfg["trainer"]["strategy"] == "ddp_spawn" and cfg["trainer"]["devices"] == 2
     (r,) = find_runs(t.user_attrs["run_dir"])
     assert r.exit_code == 0 and len(r.series("val/nrmse")) == 2
+
+
+def test_seed_reruns_of_the_best_trial_are_run_with_other_seeds_and_reported(lab):
+    """seed_reruns: 1 re-runs the best search trial once with seed offset 1 (seed_everything and data.seed),
+    outside the budget; the report sets the spread against that seed noise."""
+    path = lab("sr", seed_reruns=1, loggers=["csv"])
+    out = run_sweep(path)
+    trials = _study("sr").trials
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    search, rerun = trials[:2], trials[2]
+    best = min(search, key=lambda t: t.value)
+    assert rerun.user_attrs["qsmlab.seed_of"] == best.number and rerun.user_attrs["qsmlab.seed"] == 1
+    assert rerun.params == best.params
+    cfg = yaml.safe_load((Path(rerun.user_attrs["run_dir"]) / "config.yaml").read_text())
+    base = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+    assert cfg["seed_everything"] == base["seed_everything"] + 1
+    assert cfg["data"]["seed"] == base["data"]["seed"] + 1
+    sp = out.report["spread"]
+    assert sp["seed_values"][0] == pytest.approx(best.value) and sp["seed_values"][1] == pytest.approx(rerun.value)
+    assert "Seed noise" in (out.study_dir / "report.md").read_text()
+    # a second invocation finds the budget and the re-run done: nothing more runs
+    run_sweep(path)
+    assert len(_study("sr").trials) == 3
+
+
+def test_spread_verdicts_on_known_values():
+    from qsmlab.lab.report import spread_and_seed_noise
+
+    def frame(values, lams, seed_vals=()):
+        rows = [{"number": i, "state": "COMPLETE", "value": v, "params.lam": lam, "seed_of": None}
+                for i, (v, lam) in enumerate(zip(values, lams))]
+        best = min(range(len(values)), key=lambda i: values[i])
+        rows += [{"number": len(rows) + k, "state": "COMPLETE", "value": v, "params.lam": lams[best], "seed_of": best}
+                 for k, v in enumerate(seed_vals)]
+        return pd.DataFrame(rows)
+
+    sp = spread_and_seed_noise(frame([35.0, 34.0, 36.0], [1e-5, 1e-3, 1e-1], [34.2, 33.9]), "lam", "minimize")
+    assert sp["verdict"] == "minimum" and sp["margins"] == {"smaller": 1.0, "larger": 2.0}
+    assert sp["seed_range"] == pytest.approx(0.3) and sp["spread"] == pytest.approx(2.0)
+    sp = spread_and_seed_noise(frame([34.8, 34.76, 34.82], [1e-5, 1e-4, 5e-4], [34.9, 34.7]), "lam", "minimize")
+    assert sp["verdict"] == "flat"
+    sp = spread_and_seed_noise(frame([34.8, 34.0, 36.0], [1e-5, 1e-3, 1e-1], [34.9, 34.1]), "lam", "minimize")
+    assert sp["verdict"] == "within noise"  # the smaller side's 0.8 is within the 0.9 seed range
+    sp = spread_and_seed_noise(frame([34.0, 35.0], [1e-5, 1e-3], [34.1]), "lam", "minimize")
+    assert sp["verdict"] == "edge"
+    sp = spread_and_seed_noise(frame([35.0, 34.0, 36.0], [1e-5, 1e-3, 1e-1]), "lam", "minimize")
+    assert sp["verdict"] == "no seed noise"
+    sp = spread_and_seed_noise(frame([-35.0, -34.0, -36.0], [1e-5, 1e-3, 1e-1], [-34.2]), "lam", "maximize")
+    assert sp["best"] == -34.0 and sp["margins"] == {"smaller": 1.0, "larger": 2.0}

@@ -33,6 +33,8 @@ def trials_frame(study) -> pd.DataFrame:
         r["last_intermediate"] = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         r["error"] = t.user_attrs.get("error")
         r["retry_of"] = t.user_attrs.get("qsmlab.retry_of")
+        r["seed_of"] = t.user_attrs.get("qsmlab.seed_of")
+        r["seed_offset"] = t.user_attrs.get("qsmlab.seed")
         r["run_dir"] = t.user_attrs.get("run_dir")
         rows.append(r)
     return pd.DataFrame(rows)
@@ -51,8 +53,14 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
-def _best(frame: pd.DataFrame, direction: str):
+def _searched(frame: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials of the search itself (seed re-runs of the best trial left out)."""
     done = frame[frame["state"] == "COMPLETE"]
+    return done[done["seed_of"].isna()] if "seed_of" in done else done
+
+
+def _best(frame: pd.DataFrame, direction: str):
+    done = _searched(frame)
     if not len(done):
         return None
     return done.loc[done["value"].idxmin() if direction == "minimize" else done["value"].idxmax()]
@@ -61,11 +69,78 @@ def _best(frame: pd.DataFrame, direction: str):
 def interior(frame: pd.DataFrame, param: str, direction: str) -> bool | None:
     """Whether the best value of ``param`` has finished trials on both sides (the budget brackets it)."""
     best = _best(frame, direction)
-    done = frame[frame["state"] == "COMPLETE"]
+    done = _searched(frame)
     col = f"params.{param}"
     if best is None or col not in done or not np.issubdtype(done[col].dtype, np.number):
         return None
     return bool((done[col] < best[col]).any() and (done[col] > best[col]).any())
+
+
+def spread_and_seed_noise(frame: pd.DataFrame, param: str | None, direction: str) -> dict | None:
+    """Is the optimum a real one? The objective's spread over the search's finished trials, the margins by
+    which the best beats the best finished trial at a smaller and at a larger ``param`` (positive = the
+    best is better), and the seed noise: the values of the best parameters over the best trial and its
+    seed re-runs (sd and range). ``verdict``: ``"minimum"`` when both margins exceed the seed range (or,
+    without re-runs, nothing can be said: ``"no seed noise"``), ``"flat"`` when the spread is within it,
+    ``"edge"`` when no finished trial lies on one side, else ``"within noise"``."""
+    best = _best(frame, direction)
+    if best is None:
+        return None
+    done = _searched(frame)
+    sign = 1.0 if direction == "minimize" else -1.0
+    out: dict[str, Any] = {"spread": float(done["value"].max() - done["value"].min()), "n": int(len(done)),
+                           "best": float(best["value"])}
+    runs = frame[(frame["state"] == "COMPLETE") & (frame.get("seed_of") == best["number"])] \
+        if "seed_of" in frame else frame.iloc[:0]
+    vals = [float(best["value"])] + [float(v) for v in runs["value"]]
+    out["seed_values"] = vals
+    out["seed_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+    out["seed_range"] = float(max(vals) - min(vals)) if len(vals) > 1 else float("nan")
+    col = f"params.{param}" if param else None
+    margins = {}
+    if col and col in done and np.issubdtype(done[col].dtype, np.number):
+        for side, sel in (("smaller", done[col] < best[col]), ("larger", done[col] > best[col])):
+            other = done[sel]
+            margins[side] = (float(sign * (other["value"].min() - best["value"]) if sign > 0 else
+                                   sign * (other["value"].max() - best["value"])) if len(other) else None)
+    out["margins"] = margins
+    noise = out["seed_range"]
+    if margins and any(v is None for v in margins.values()):
+        out["verdict"] = "edge"
+    elif not np.isfinite(noise):
+        out["verdict"] = "no seed noise"
+    elif out["spread"] <= noise:
+        out["verdict"] = "flat"
+    elif margins and all(v is not None and v > noise for v in margins.values()):
+        out["verdict"] = "minimum"
+    else:
+        out["verdict"] = "within noise"
+    return out
+
+
+def spread_lines(sp: dict, param: str | None) -> list[str]:
+    """The report's lines on :func:`spread_and_seed_noise`."""
+    if not sp:
+        return []
+    lines = [f"- Objective spread over the {sp['n']} finished search trials: {sp['spread']:.3g} points."]
+    if len(sp["seed_values"]) > 1:
+        lines.append(f"- Seed noise: the best parameters over {len(sp['seed_values'])} seeds gave "
+                     + ", ".join(f"{v:.4g}" for v in sp["seed_values"])
+                     + f" (sd {sp['seed_sd']:.3g}, range {sp['seed_range']:.3g} points).")
+    for side, v in sp["margins"].items():
+        if v is not None:
+            lines.append(f"- The best beats the best finished trial at a {side} `{param}` by {v:.3g} points.")
+    verdict = {
+        "minimum": "a real minimum: the best beats both sides by more than the seed noise.",
+        "flat": f"**flat**: the objective's whole spread is within the seed noise; `{param}` does not matter here.",
+        "within noise": "**not resolved**: a margin is within the seed noise; the optimum is not distinguishable "
+                        "from its neighbours.",
+        "edge": "at the edge of the sampled values: no finished trial on one side.",
+        "no seed noise": "no seed re-runs (`seed_reruns` in the sweep file): the spread cannot be set against "
+                         "seed noise.",
+    }[sp["verdict"]]
+    lines.append(f"- Verdict: {verdict}")
+    return lines
 
 
 def write_report(study, spec, study_dir: Path) -> dict:
@@ -85,6 +160,8 @@ def write_report(study, spec, study_dir: Path) -> dict:
         out["history_figure"] = history_figure(frame, spec.metric, study_dir / "history.png", spec.direction)
         out["best"] = _best(frame, spec.direction)
         out["interior"] = {p: interior(frame, p, spec.direction) for p in params}
+        first = params[0] if len(params) == 1 else None
+        out["spread"] = spread_and_seed_noise(frame, first, spec.direction)
     (study_dir / "report.md").write_text(report_markdown(out, spec))
     return out
 
@@ -111,8 +188,9 @@ def report_markdown(rep: dict, spec) -> str:
         for p, inside in rep.get("interior", {}).items():
             if inside is not None:
                 lines.append(f"- `{p}`: the optimum is {'interior (finished trials on both sides)' if inside else 'at the edge of the sampled range: widen the search or add trials'}.")
+        lines += spread_lines(rep.get("spread"), next(iter(spec.search_space), None))
         lines += ["", "![objective vs parameters](objective_vs_params.png)", "", "![history](history.png)", ""]
-    cols = ["number", "state", "value"] + [f"params.{p}" for p in spec.search_space] + \
+    cols = ["number", "state", "value", "seed_of", "seed_offset"] + [f"params.{p}" for p in spec.search_space] + \
            [c for c in frame.columns if c.startswith("val/")] + ["wall_seconds", "cpu_seconds", "error"]
     if len(frame):
         lines += ["## All trials", "", markdown_table(frame[[c for c in cols if c in frame.columns]]), ""]
@@ -130,3 +208,5 @@ def print_best(rep: dict, spec) -> None:
     for p, inside in rep.get("interior", {}).items():
         if inside is not None:
             print(f"[{spec.study}] {p}: optimum {'interior' if inside else 'AT THE EDGE of the sampled values'}")
+    for line in spread_lines(rep.get("spread"), next(iter(spec.search_space), None)):
+        print(f"[{spec.study}] {line[2:]}")

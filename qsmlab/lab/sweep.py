@@ -62,6 +62,8 @@ ATTR_WORKER = "qsmlab.worker"
 ATTR_CRASHED = "qsmlab.crashed"
 ATTR_INTERRUPTED = "qsmlab.interrupted"
 ATTR_RETRY_OF = "qsmlab.retry_of"
+ATTR_SEED_OF = "qsmlab.seed_of"  # a seed re-run of the best trial (its number); the seed is ATTR_SEED
+ATTR_SEED = "qsmlab.seed"
 
 
 def cores() -> int:
@@ -147,7 +149,26 @@ def budget_used(study) -> int:
     interrupted trials, heartbeat-stale ones; their retry counts instead)."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials} - {None}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
+               and ATTR_SEED_OF not in t.user_attrs)
+
+
+def enqueue_seed_reruns(study, spec: SweepSpec) -> list[int]:
+    """Enqueue ``spec.seed_reruns`` re-runs of the best finished trial with other seeds (``seed_everything``
+    and ``data.seed`` = base + 1, 2, ...), once: the seed-noise estimate the report sets the objective's
+    spread against. Returns the seeds enqueued."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if ATTR_SEED_OF not in t.user_attrs and t.value is not None]
+    if spec.seed_reruns <= 0 or not done:
+        return []
+    best = (min if spec.direction == "minimize" else max)(done, key=lambda t: t.value)
+    have = {t.user_attrs.get(ATTR_SEED) for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get(ATTR_SEED_OF) == best.number and t.state != TrialState.FAIL}
+    seeds = [k for k in range(1, spec.seed_reruns + 1) if k not in have]
+    for k in seeds:
+        study.enqueue_trial(dict(best.params), user_attrs={ATTR_SEED_OF: best.number, ATTR_SEED: k},
+                            skip_if_exists=False)
+    return seeds
 
 
 def _waiting(study) -> bool:
@@ -212,13 +233,22 @@ class TrialObjective:
         cfg = copy.deepcopy(self.base_cfg)
         for k, v in params.items():
             C.set_dotted(cfg, k, v)
+        rerun = trial.user_attrs.get(ATTR_SEED_OF) is not None
+        if rerun:  # the same parameters with another seed: network init, patch draws, augmentation
+            k = int(trial.user_attrs[ATTR_SEED])
+            cfg["seed_everything"] = int(cfg.get("seed_everything") or 0) + k
+            try:
+                data_seed = int(C.get_dotted(cfg, "data.seed") or 0)
+            except QSMInputError:
+                data_seed = 0
+            C.set_dotted(cfg, "data.seed", data_seed + k, create=True)
         ddp = _devices(cfg) > 1
         if ddp:
             C.set_dotted(cfg, "trainer.strategy", "ddp_spawn", create=True)
         run_dir = self.study_dir / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         callbacks, pruning = [], None
-        if spec.pruner["name"] != "none":
+        if spec.pruner["name"] != "none" and not rerun:
             pruning = pruning_callback(trial, spec.metric)
             callbacks.append(pruning)
         c0, t0 = time.process_time(), time.perf_counter()
@@ -394,11 +424,20 @@ def run_sweep(sweep: str | Path, *, storage: str | None = None, n_trials: int | 
               f"{spec.workers} worker(s) x {threads_per_worker(spec.workers)} thread(s), storage {shown}"
               + (f"; re-queued crashed trial(s) {recovered}" if recovered else ""), flush=True)
     deadline = t0 + spec.timeout if spec.timeout else None
-    if spec.workers == 1:
-        worker_loop(spec, storage, sdir, base_cfg, deadline=deadline)
-    else:
-        _spawn_workers(spec, url, sdir, deadline)
+    def run_workers() -> None:
+        if spec.workers == 1:
+            worker_loop(spec, storage, sdir, base_cfg, deadline=deadline)
+        else:
+            _spawn_workers(spec, url, sdir, deadline)
+
+    run_workers()
     s = optuna.load_study(study_name=spec.study, storage=st)
+    seeds = enqueue_seed_reruns(s, spec) if deadline is None or time.time() < deadline else []
+    if seeds:
+        if not quiet:
+            print(f"[{spec.study}] seed noise: re-running the best trial with seed offsets {seeds}", flush=True)
+        run_workers()
+        s = optuna.load_study(study_name=spec.study, storage=st)
     rep = write_report(s, spec, sdir)
     wall = time.time() - t0
     if not quiet:

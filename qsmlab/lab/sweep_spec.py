@@ -16,6 +16,8 @@
     pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 1}   # median | percentile |
                                               # successive_halving | hyperband | threshold | none
     n_trials: 10                 # finished trials the study should hold (a resumed sweep tops it up)
+    seed_reruns: 0               # then re-run the best trial with this many other seeds: the seed noise
+                                 # the report sets the objective's spread against ("flat" when within it)
     timeout: null                # seconds; no new trial starts after it
     workers: 1                   # local worker processes (--workers wins)
     loggers: [wandb, csv]
@@ -44,7 +46,7 @@ from qsmlab.lab.tracking import parse_logger_names
 from qsmlab.metrics import METRIC_INFO, TORCH_METRICS
 
 TOP_KEYS = ("experiment", "profile", "study", "overrides", "search_space", "objective", "sampler", "pruner",
-            "n_trials", "timeout", "workers", "loggers", "description")
+            "n_trials", "seed_reruns", "timeout", "workers", "loggers", "description")
 PARAM_TYPES = ("float", "int", "categorical")
 SAMPLERS = ("tpe", "random", "qmc")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "none")
@@ -102,6 +104,7 @@ class SweepSpec:
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     n_trials: int = 10
+    seed_reruns: int = 0
     timeout: float | None = None
     workers: int = 1
     loggers: tuple[str, ...] = ("wandb", "csv")
@@ -212,12 +215,19 @@ def load_sweep(path: str | Path, check_keys: bool = True) -> SweepSpec:
     if n_trials < 1:
         raise _err(p, f"n_trials: expected a positive integer, got {n_trials}")
 
+    try:
+        seed_reruns = int(raw.get("seed_reruns", 0))
+    except (TypeError, ValueError):
+        raise _err(p, f"seed_reruns: expected an integer >= 0, got {raw.get('seed_reruns')!r}") from None
+    if seed_reruns < 0:
+        raise _err(p, f"seed_reruns: expected an integer >= 0, got {seed_reruns}")
+
     spec = SweepSpec(
         path=p, experiment=exp, profile=raw.get("profile", C.DEFAULT_PROFILE), study=str(raw.get("study", p.stem)),
         search_space=space, metric=metric, direction=direction, overrides=overrides,
         sampler=_named(p, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
         pruner=_named(p, "pruner", raw.get("pruner"), PRUNERS, "median"),
-        n_trials=n_trials, timeout=None if raw.get("timeout") is None else float(raw["timeout"]),
+        n_trials=n_trials, seed_reruns=seed_reruns, timeout=None if raw.get("timeout") is None else float(raw["timeout"]),
         workers=int(raw.get("workers", 1)), loggers=parse_logger_names(raw.get("loggers")),
     )
     if check_keys:
