@@ -108,24 +108,23 @@ def classical_default(scan) -> np.ndarray:
             quiet=True)
 
 
-def score_without_reference(scan, maps: dict[str, np.ndarray], agreement: bool = True) -> dict[str, dict[str, float]]:
-    """Per method: data consistency ``dc`` (%) and, with ``agreement``, agreement with
-    :func:`classical_default` (see :data:`NO_REFERENCE_METRICS`); maps are chi (ppm) on the scan's grid."""
+def score_without_reference(scan, maps: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per method: data consistency ``dc`` (%) and agreement with :func:`classical_default` (see
+    :data:`NO_REFERENCE_METRICS`); maps are chi (ppm) on the scan's grid."""
     from qsmlab.metrics import nrmse
     from qsmlab.physics import DipoleOperator
 
     m = scan.mask
     op = DipoleOperator(voxel_size=scan.voxel_size, b0_dir=scan.b0_dir, pad_factor=2.0)
     f = scan.field * m
-    ref = classical_default(scan) if agreement else None
+    ref = classical_default(scan)
     out = {}
     for name, chi in maps.items():
         r = (op.A(chi * m) - f) * m
-        out[name] = {"dc": float(100 * np.linalg.norm(r) / max(np.linalg.norm(f), 1e-30))}
-        if ref is not None:
-            a, b = chi[m] - chi[m].mean(), ref[m] - ref[m].mean()
-            out[name]["corr_vs_classical"] = float((a * b).sum() / max(np.sqrt((a**2).sum() * (b**2).sum()), 1e-30))
-            out[name]["nrmse_vs_classical"] = float(nrmse(chi, ref, m))
+        a, b = chi[m] - chi[m].mean(), ref[m] - ref[m].mean()
+        out[name] = {"dc": float(100 * np.linalg.norm(r) / max(np.linalg.norm(f), 1e-30)),
+                     "nrmse_vs_classical": float(nrmse(chi, ref, m)),
+                     "corr_vs_classical": float((a * b).sum() / max(np.sqrt((a**2).sum() * (b**2).sum()), 1e-30))}
     return out
 
 
@@ -194,20 +193,20 @@ def run_fold(cfg: dict, fold, index: int, out: Path, exp_name: str, *, loggers: 
     rows = []
     for r in table.select(fold.test):
         scan = B.load_scan(r)
-        maps = {"TKD": B.tkd(scan), "TV": B.tv(scan, alpha)}
         if scan.chi is not None:
-            rows.append({"scan": scan.key, "method": "TKD", **compute_all(maps["TKD"], scan.chi, scan.mask)})
+            rows.append({"scan": scan.key, "method": "TKD", **compute_all(B.tkd(scan), scan.chi, scan.mask)})
             rows.append({"scan": scan.key, "method": "TV", "tv_alpha": alpha, **grid.metrics(scan, alpha)})
-        else:
-            rows += [{"scan": scan.key, "method": "TKD"}, {"scan": scan.key, "method": "TV", "tv_alpha": alpha}]
+            continue
+        # no reference chi: data consistency and agreement with the classical default, never a fake score
+        maps = {"TKD": B.tkd(scan), "TV": B.tv(scan, alpha)}
         pred = fold_dir / "pred" / f"{scan.key.replace('/', '_')}_chi.nii.gz"
         if pred.is_file():
             from qsmlab.data.nifti import load_nifti
 
             maps[exp_name] = load_nifti(pred, np.float32).data
-        extra = score_without_reference(scan, maps, agreement=scan.chi is None)  # dc always; TV-auto if no chi
-        for row in rows[-2:]:
-            row.update(extra[row["method"]])
+        extra = score_without_reference(scan, maps)
+        rows += [{"scan": scan.key, "method": "TKD", **extra["TKD"]},
+                 {"scan": scan.key, "method": "TV", "tv_alpha": alpha, **extra["TV"]}]
         for k, v in extra.get(exp_name, {}).items():
             learned.loc[learned["scan"] == scan.key, k] = v
     frame = pd.concat([learned, pd.DataFrame(rows)], ignore_index=True)
