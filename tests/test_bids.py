@@ -28,7 +28,8 @@ def test_parse_and_build_names():
     assert n.filename() == "sub-01_ses-pre_acq-fast_run-2_echo-3_part-phase_MEGRE.nii.gz"
     # BIDS order, whatever order the dict has
     assert build_name({"run": "1", "desc": "brain", "sub": "02", "ses": "1"}, "mask") == "sub-02_ses-1_run-1_desc-brain_mask.nii.gz"
-    for bad in ("sub-01.nii.gz", "sub_01_MEGRE.nii.gz", "sub-01_run-1_run-2_MEGRE.nii.gz", "notes.txt"):
+    for bad in ("sub-01.nii.gz", "sub_01_MEGRE.nii.gz", "sub-01_run-1_run-2_MEGRE.nii.gz", "notes.txt",
+                "sub-01_echo-1_part-phase_MEGRE.nii.gz.bak"):
         assert parse_name(bad) is None
     with pytest.raises(QSMInputError, match="alphanumeric"):
         build_name({"sub": "0_1"}, "MEGRE")
@@ -39,13 +40,14 @@ def test_sidecar_inheritance(tmp_path):
     anat.mkdir(parents=True)
     img = anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz"
     img.touch()
-    (tmp_path / "MEGRE.json").write_text("{}")  # not a BIDS name with entities: still top-level -> ignored
+    (tmp_path / "MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": 3, "Manufacturer": "X"}))
     (tmp_path / "part-phase_MEGRE.json").write_text(json.dumps({"Units": "arbitrary", "MagneticFieldStrength": 7}))
     (anat / "sub-01_echo-1_part-phase_MEGRE.json").write_text(json.dumps({"EchoTime": 0.005, "Units": "rad"}))
     (anat / "sub-01_echo-2_part-phase_MEGRE.json").write_text(json.dumps({"EchoTime": 0.010}))
     meta = inherited_metadata(img, tmp_path)
     # the closer, more specific sidecar wins; the other echo's sidecar does not apply
-    assert meta == {"Units": "rad", "MagneticFieldStrength": 7, "EchoTime": 0.005}
+    assert meta == {"Units": "rad", "MagneticFieldStrength": 7, "EchoTime": 0.005, "Manufacturer": "X"}
+    assert parse_name("MEGRE.json").entities == () and parse_name("sub-01.json") is None
 
 
 # -- the synthetic dataset ---------------------------------------------------------------------------------

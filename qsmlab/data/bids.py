@@ -74,7 +74,7 @@ def parse_name(name: str) -> BidsName | None:
     else:
         return None
     parts = base.split("_")
-    if len(parts) < 2 or not _LABEL.match(parts[-1]):
+    if not _LABEL.match(parts[-1]):  # a suffix alone (a top-level "MEGRE.json") has no entities
         return None
     ents = []
     for p in parts[:-1]:
@@ -129,7 +129,7 @@ def inherited_metadata(image: Path, root: Path) -> dict:
             break
         folder = folder.parent
     for depth, d in enumerate(reversed(chain)):  # root first: closer folders override
-        for j in sorted(d.glob(f"*_{name.suffix}.json")):
+        for j in sorted([*d.glob(f"{name.suffix}.json"), *d.glob(f"*_{name.suffix}.json")]):
             jn = parse_name(j.name)
             if jn is None or jn.suffix != name.suffix:
                 continue
