@@ -19,7 +19,7 @@ import csv
 import time
 from pathlib import Path
 
-from qsmlab.lab.loocv import RUNS_DIR
+from qsmlab.lab.config import RUNS_DIR
 
 DEMO_SUBJECTS = 4
 DEMO_VOXEL_MM = 2.0  # the embedded dataset's grid: the quick profiles' whole-volume patch (93 x 111 x 98)
