@@ -14,6 +14,7 @@ from _datasets import make_dataset
 from _tiny_method import write_tiny_experiment
 
 from qsmlab.cli import main
+from qsmlab.errors import QSMInputError
 from qsmlab.metrics import nrmse, psnr
 from qsmlab.recon import registry
 
@@ -142,3 +143,22 @@ def test_loocv_hybrid_holds_out_invivo_without_reference(tmp_path, monkeypatch):
     assert row["dc"] == pytest.approx(100 * np.linalg.norm(r) / np.linalg.norm(field * mask), rel=1e-3)
     # TKD of a noise-free field agrees with TV far better than an unrelated map would
     assert res[res["method"] == "TKD"]["corr_vs_classical"].min() > 0.5
+
+
+def test_supervised_methods_train_only_on_rows_with_chi(tmp_path):
+    """QSMDataModule on a hybrid manifest: a method whose loss requires chi gets only the rows with chi;
+    a self-supervised one (uQSM) all of them."""
+    from types import SimpleNamespace
+
+    from qsmlab.data.datamodule import QSMDataModule
+
+    m = _hybrid(tmp_path)
+    for requires, expected in ((("chi",), ["sub-00", "sub-01"]), (("magnitude",), ["sub-00", "sub-01", "iv-a", "iv-b"])):
+        dm = QSMDataModule(manifest=str(m), patch_size=8, val_subjects=[])
+        dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(requires=requires))
+        dm.setup("fit")
+        assert [r.subject for r in dm.rows["train"]] == expected
+    dm = QSMDataModule(manifest=str(m), patch_size=8, train_subjects=["iv-a", "iv-b"], val_subjects=[])
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(requires=("chi",)))
+    with pytest.raises(QSMInputError, match="supervised"):
+        dm.setup("fit")

@@ -143,6 +143,15 @@ class QSMDataModule(L.LightningDataModule):
             "test": [r for r in self.table.select(test or []) if not r.synthetic],
             "predict": self.table.select(test) if test else list(self.table.rows),
         }
+        # A supervised method (its ``requires`` names chi) trains only on rows with chi: the in-vivo rows
+        # of a hybrid manifest (qsmlab bids, qsmlab manifest merge) carry none; uQSM trains on all rows.
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if "chi" in tuple(getattr(model, "requires", ()) or ()):
+            dropped = [r.key for r in self.rows["train"] if r.chi is None]
+            self.rows["train"] = [r for r in self.rows["train"] if r.chi is not None]
+            if dropped and not self.rows["train"]:
+                raise QSMInputError(f"{self.manifest}: the method is supervised (needs chi) and no training row "
+                                    f"has chi ({len(dropped)} without, e.g. {dropped[0]})")
 
     # -- loaders --------------------------------------------------------------------------------------
     def _patch_sampler(self) -> tio.data.PatchSampler:
