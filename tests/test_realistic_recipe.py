@@ -44,6 +44,7 @@ def test_tiny_realistic_dataset_with_cosmos_label(tmp_path):
     rec = {"name": "tiny", "seed": 3, "te": [0.004, 0.012, 0.02], "subjects": [
         {"kind": "realistic", "count": 1, "voxel_size": [2, 2, 2], "shape": [32, 32, 32],
          "orientations": [[0, 0, 0]], "cosmos": True, "label": "cosmos",
+         "cosmos_rotations_deg": [[0, 0, 0], [20, 0, 0], [0, 20, 0]],
          "components": {"acquisition": False}}]}
     manifest = generate_dataset(rec, out_dir=tmp_path, quiet=True)
     rows = list(csv.DictReader(manifest.open()))

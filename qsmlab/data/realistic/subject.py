@@ -22,9 +22,13 @@ volume included, band-limited like the data (the k-space crop of the fine-grid c
 noise, no background removal); ``local_field_scalar = A(chi * mask)``, what a scalar model predicts from the
 truth; ``local_field`` what a method receives. Their differences are the model error.
 
-Measured (seed 0, 1 mm, 0 deg, 128^3 crop; benchmarks/realistic_misfit.py for the misfit table): see
-``RealisticSubject.meta["timings_s"]``; the local field's 1st/99th percentiles in the brain stay within the
-in-vivo 3 T range of +-0.03-0.05 ppm, veins excepted.
+Measured (seed 0, 0 deg; benchmarks/realistic_misfit.py for the misfit table): at 1 mm on a 128^3 crop
+(288^3 fine grid) the physical local field's 1st/99th percentiles in the brain are -0.029/+0.032 ppm (in
+vivo at 3 T: +-0.03-0.05 ppm), the field noise 1.5 ppb, the model error ``local_field_exact -
+local_field_scalar`` 1.5-1.9 ppb RMS (anisotropy, veins, crop), and what the pipeline adds (V-SHARP residue
+and noise, ``local_field - local_field_exact``) 4.9 ppb RMS; at 2 mm (whole head) 0.9 and 4.7 ppb.
+Generation on two shared CPU cores (load ~6-12): 131 s at 1 mm / 128^3 (V-SHARP 64 s of it, peak RSS
+4.3 GB), 177 s at 2 mm whole head (1.9 GB); ``meta["timings_s"]`` has the stages.
 
 Randomness: anatomy ``SeedSequence(seed, spawn_key=(0,))`` (the clean subject's), phase offset and noise
 ``(1,)`` (``(1, o)`` for COSMOS orientation o > 0), fibres ``(2, 0)``, veins ``(2, 1)``: switching one
