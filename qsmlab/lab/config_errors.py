@@ -127,13 +127,21 @@ def _parameters(class_path: str | None) -> list[str]:
 
 
 def _closest(key: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``key``: a sibling with a similar last part first (``model.widht`` ->
+    ``model.width``), then any key with the same last part (``model.lambda_tv`` -> ``model.loss.lambda_tv``),
+    then a key alike as a whole."""
     cands = list(dict.fromkeys(candidates))
-    m = difflib.get_close_matches(key, cands, n=1, cutoff=0.6)
+    prefix, _, leaf = key.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in cands if c.rpartition(".")[0] == prefix}
+    m = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.7)
     if m:
-        return m[0]
-    leaf = key.rsplit(".", 1)[-1]
-    m = difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1] for c in cands], n=1, cutoff=0.75)
-    return next((c for c in cands if m and c.rsplit(".", 1)[-1] == m[0]), None)
+        return siblings[m[0]]
+    others = {c: c.rpartition(".")[2] for c in cands if c.split(".", 1)[0] == key.split(".", 1)[0]}
+    m = difflib.get_close_matches(leaf, list(dict.fromkeys(others.values())), n=1, cutoff=0.75)
+    if m:
+        return next(c for c, lf in others.items() if lf == m[0])
+    m = difflib.get_close_matches(key, cands, n=1, cutoff=0.85)
+    return m[0] if m else None
 
 
 def _show(value: Any) -> str:
@@ -165,7 +173,8 @@ def config_error(error: BaseException, config_keys: Iterable[str] = (),
             section = leaf.path[0]
             owner = leaf.cls or _SECTION_CLASS.get(section)
             prefix = ".".join(leaf.path[:-1])
-            cands = keys + [f"{prefix}.{p}" for p in _parameters(owner)]
+            # not the user's own keys: a second unknown key of the same line is no hint
+            cands = [k for k in keys if k not in given] + [f"{prefix}.{p}" for p in _parameters(owner)]
             hint = _closest(key, [c for c in cands if c != key])
             what = f"not a parameter of {owner}" if owner else "not a known key"
             return ConfigError(key, what + (f" (closest: {hint!r})" if hint else ""))
