@@ -172,7 +172,6 @@ def enqueue_seed_reruns(study, spec: SweepSpec) -> list[int]:
 
 
 def _waiting(study) -> bool:
-
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
