@@ -90,3 +90,20 @@ def test_checkpoints_are_named_best_step_and_last(manifest: Path, tmp_path, monk
     rc, out, err = run_cli(argv)
     assert rc == 0, err[-2000:]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best-step=2.ckpt", "last.ckpt"]
+
+
+def test_checking_the_splits_leaves_the_datamodule_to_the_trainer(manifest: Path, tmp_path):
+    """The entry point tries the splits before the run folder exists (an unknown subject fails there) but
+    on a copy: the datamodule is set up by the trainer, with the model attached, so a supervised method
+    still drops training rows without chi (QSMDataModule.setup reads trainer.lightning_module)."""
+    from qsmlab.errors import QSMInputError
+    from qsmlab.lab.run import RunOptions, prepare
+
+    cfg = load_experiment("qsmnet", "quick", overrides={"data.manifest": str(manifest),
+                                                        "data.train_subjects": [TRAIN], "data.val_subjects": [VAL]})
+    cli = prepare(RunOptions("fit", cfg, tmp_path / "run"))
+    assert cli.datamodule.table is None and cli.datamodule.rows == {}  # not set up yet
+    assert not (tmp_path / "run").exists()
+    cfg["data"]["val_subjects"] = ["nobody"]
+    with pytest.raises(QSMInputError, match="val_subjects.*nobody"):
+        prepare(RunOptions("fit", cfg, tmp_path / "run"))

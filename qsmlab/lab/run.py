@@ -13,6 +13,7 @@ in ppm for a QSM method, the mask and class probabilities for a segmentation met
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import traceback
@@ -239,12 +240,15 @@ def _held_logs(names: Sequence[str] = ("lightning.pytorch", "lightning.fabric"))
 
 def prepare(opts: RunOptions, loggers: Sequence = (), callbacks: Sequence = ()) -> QSMLabCLI:
     """The model, datamodule and trainer of ``opts`` with every value checked and the datamodule's splits
-    set up (unknown subjects fail here); writes nothing. Raises a one-line ConfigError."""
+    tried (unknown subjects fail here); writes nothing. Raises a one-line ConfigError."""
     with _held_logs():
         cli = QSMLabCLI(opts.config, run_dir=opts.run_dir, loggers=loggers, callbacks=callbacks, given=opts.given)
         if cli.datamodule is not None:
+            # the splits are checked on a copy: the datamodule itself is set up by the trainer, once the
+            # model is attached (a supervised method drops training rows without chi there)
+            probe = copy.copy(cli.datamodule)
             try:
-                cli.datamodule.setup("fit" if opts.subcommand == "fit" else opts.subcommand)
+                probe.setup("fit" if opts.subcommand == "fit" else opts.subcommand)
             except QSMInputError as e:
                 raise config_error(e, flatten(opts.config), opts.given, section="data") from None
     return cli
