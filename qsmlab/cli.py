@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         if mod is None:
             continue
         sp = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            usage=getattr(mod, "USAGE", None), formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
         # ACCEPTS_EXTRA: the command takes free-form `--key.path value` overrides (LightningCLI style)
         sp.set_defaults(_run=getattr(mod, "run", None), _name=name,

@@ -36,6 +36,14 @@ best-step=<n>.ckpt, and wandb/ (offline unless you are logged in or set WANDB_MO
 """
 
 
+def usage(sub: str) -> str:
+    return (f"qsmlab {sub} [EXPERIMENT] [-c|--config FILE ...] [--profile P] [--SECTION.KEY VALUE ...] "
+            "[--run_dir DIR] [--ckpt_path PATH] [--loggers LIST]")
+
+
+USAGE = usage(SUBCOMMAND)
+
+
 def describe(what: str, example: str) -> str:
     return f"{what}\n\n{OPTIONS}\nexample:\n  {example}\n"
 
