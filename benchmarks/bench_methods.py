@@ -20,6 +20,13 @@ whole volume), so it is not in the inference columns. Prints a markdown table an
 ``OUT/bench_methods.{md,json}``; asserts nothing.
 
     python benchmarks/bench_methods.py [--methods nextqsm,pedqnet] [--threads 2] [--sizes 160,256]
+
+``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/old <rev>``) times full-volume
+inference of this tree and of DIR side by side instead: fresh processes, alternated (this, DIR, this, ...)
+``--repeat`` times per method at the first size, each tree with its own code and experiments; prints the
+median seconds of each and their ratio (``OUT/bench_methods_vs_baseline.md``).
+
+    python benchmarks/bench_methods.py --baseline /tmp/old --sizes 96 --repeat 3
 """
 
 from __future__ import annotations
@@ -125,14 +132,44 @@ def child(name: str, profile: str, n: int) -> dict:
     return {"seconds": sec, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
-def run_child(name: str, profile: str, n: int, threads: int) -> dict:
+def run_child(name: str, profile: str, n: int, threads: int, tree: Path | None = None) -> dict:
+    """Inference in a fresh process of this tree, or of the checkout ``tree`` (its own script and package)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--child", name, str(n), "--profile", profile, "--threads", str(threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    script = Path(__file__).resolve()
+    if tree is not None:
+        script = Path(tree).resolve() / "benchmarks" / script.name
+        env["PYTHONPATH"] = str(Path(tree).resolve())
+    cmd = [sys.executable, str(script), "--child", name, str(n), "--profile", profile, "--threads", str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(script.parents[1]))
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
     return json.loads(lines[-1])
+
+
+def versus_baseline(methods: list[str], profile: str, n: int, threads: int, baseline: Path, repeat: int,
+                    out: Path) -> None:
+    """Inference seconds of this tree and of ``baseline`` side by side (alternated fresh processes)."""
+    here = Path(__file__).resolve().parents[1]  # each child imports the package of its own tree
+    lines = [f"# Inference at {n}^3, this tree vs {baseline} ({threads} threads, {profile} profile networks, "
+             f"median of {repeat} alternated runs)", "", "| method | this (s) | baseline (s) | this / baseline |",
+             "|---|---|---|---|"]
+    for name in methods:
+        ours, theirs = [], []
+        for _ in range(repeat):
+            ours.append(run_child(name, profile, n, threads, here).get("seconds", float("nan")))
+            theirs.append(run_child(name, profile, n, threads, baseline).get("seconds", float("nan")))
+        a, b = float(np.median(ours)), float(np.median(theirs))
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+        print(lines[-1], flush=True)
+    load = os.getloadavg()
+    lines += ["", f"Load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min), "
+              f"{os.cpu_count()} CPUs: on a shared machine both columns are upper bounds; the runs alternate, "
+              "so the ratio is fairer than either column."]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_methods_vs_baseline.md").write_text(text + "\n")
 
 
 def main() -> None:
@@ -143,6 +180,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     ap.add_argument("--sizes", default="160,256", help="inference grid edges (the first is the timed target)")
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--baseline", type=Path, help="another checkout: time inference of both trees side by side")
+    ap.add_argument("--repeat", type=int, default=3, help="alternated runs per tree with --baseline")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     import torch
@@ -153,6 +192,10 @@ def main() -> None:
         print(json.dumps(child(a.child[0], a.profile, int(a.child[1]))))
         return
     sizes = [int(s) for s in a.sizes.split(",") if s]
+    if a.baseline:
+        versus_baseline([m for m in a.methods.split(",") if m], a.profile, sizes[0], a.threads, a.baseline, a.repeat,
+                        a.out)
+        return
     rows = []
     for name in [m for m in a.methods.split(",") if m]:
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm.auto import tqdm
 
 from qsmlab.errors import QSMInputError
 from qsmlab.methods.statistics import field_scale_of
@@ -111,8 +112,6 @@ class UQSMDIP(UQSM):
         The network is re-initialised (``seed``) first; ``self.last_fit`` records the iterations run, why
         the fit stopped, and the final data consistency.
         """
-        from tqdm.auto import tqdm
-
         field = np.asarray(field, dtype=np.float32)
         m = np.asarray(mask) > 0.5
         if field.ndim != 3 or m.shape != field.shape:
