@@ -114,7 +114,7 @@ def run(args) -> int:
         "field_scale_ppm": float(model.field_scale),
         "train_b0_dir": [float(c) for c in model.train_b0_dir],
         "train_voxel_size": [float(c) for c in model.train_voxel_size],
-        "voxel_resampling": args.voxel_resampling or model.hparams.get("voxel_resampling", "auto"),
+        "voxel_resampling": args.voxel_resampling or model.options.voxel_resampling,
         "field": str(args.field), "mask": str(args.mask), "magnitude": args.magnitude,
         "total_field": args.total_field,
         "units": "ppm",

@@ -12,12 +12,10 @@ needs besides the inputs); its constructor builds ``self.net = self.prepare_netw
     validation/test: prepare_batch -> predict_batch (per sample: infer_images, or infer_volume in the
         training frame) -> val/<metric>, val/dc, val/loss (evaluation_loss), score_volume/epoch_values
 
-Fields enter the network as ``field / field_scale`` (masked), masks as 0/1, magnitudes over their 99th
-percentile; ``"ppm"`` outputs leave it multiplied by ``field_scale`` and masked. Full volumes are padded to
-the network's multiple or tiled with Gaussian-blended windows, and resampled into the training B0
-direction / voxel size and back when off (:mod:`qsmlab.methods.inference`, plain torch). The common
-options are :class:`qsmlab.methods.options.MethodOptions`; the Lightning plumbing (optimiser, DDP
-evaluation, slice images, checkpoint entry) is :class:`qsmlab.methods.module.MethodModule`.
+``"ppm"`` outputs leave the network times ``field_scale``, masked. Full volumes are padded or tiled and
+resampled into the training B0 direction / voxel size and back when off (:mod:`qsmlab.methods.inference`,
+plain torch). Options: :class:`qsmlab.methods.options.MethodOptions`; Lightning plumbing (optimiser, DDP
+evaluation, slice images, checkpoint entry): :class:`qsmlab.methods.module.MethodModule`; docs/methods.md.
 """
 
 from __future__ import annotations
