@@ -366,3 +366,27 @@ def test_simulated_patch_fields_are_explained_by_the_patch():
         assert m.training_batch(invivo, physics_for_batch(invivo)) is invivo
     with pytest.raises(Exception, match="patch_fields"):
         UQSM(patch_fields="resample")
+
+
+def test_predict_volume_settings_are_per_call_so_one_cached_model_serves_concurrent_calls():
+    """``voxel_resampling`` is an argument of the call, not a setting written onto the model: two threads
+    predicting with one model and opposite settings get what each gets alone, and the model is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qsmlab.methods.predict import predict_volume
+
+    torch.manual_seed(0)
+    m = UQSM(width=4, depth=2, prior="tkd").eval()
+    m.set_statistics(0.01, (0, 0, 1), (2, 2, 2))  # trained at 2 mm; the scan below is 1 mm
+    chi, mask = _blob_chi((24, 24, 24), seed=4)
+    field = (DipoleOperator().A(chi) * mask).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = {r: predict_volume(m, field, mask, voxel_resampling=r) for r in ("auto", "never")}
+        assert np.abs(alone["auto"] - alone["never"]).max() > 1e-4  # the setting matters here
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [(r, pool.submit(predict_volume, m, field, mask, voxel_resampling=r))
+                    for r in ("auto", "never", "never", "auto")]
+            for r, job in jobs:
+                np.testing.assert_array_equal(job.result(), alone[r])
+    assert m.options.voxel_resampling == "auto" and m.hparams["voxel_resampling"] == "auto" and not m.training
