@@ -27,6 +27,12 @@ Measured (seed 0, 0 deg; benchmarks/realistic_misfit.py for the misfit table): a
 vivo at 3 T: +-0.03-0.05 ppm), the field noise 1.5 ppb, the model error ``local_field_exact -
 local_field_scalar`` 1.5-1.9 ppb RMS (anisotropy, veins, crop), and what the pipeline adds (V-SHARP residue
 and noise, ``local_field - local_field_exact``) 4.9 ppb RMS; at 2 mm (whole head) 0.9 and 4.7 ppb.
+What carries the misfit (1 mm, 64^3, benchmarks/results/realistic_misfit_ablation.md: rms of
+``A chi_true - f`` in the valid mask, noise 1.4 ppb): anisotropy 1.3 ppb, veins or the crop alone < 0.8 ppb
+(the padding baseline), the pipeline 5.6 ppb, all on 6.3 ppb. V-SHARP alone, on the noiseless local field,
+loses 4.8 ppb of a 12.6 ppb local field (38 %: the low-frequency, near-harmonic part of the field of the
+brain's own tissue): on these subjects the background-removal residue, not anisotropy or veins, is what a
+scalar inversion cannot fit.
 Generation on two shared CPU cores (load ~6-12): 131 s at 1 mm / 128^3 (V-SHARP 64 s of it, peak RSS
 4.3 GB), 177 s at 2 mm whole head (1.9 GB); ``meta["timings_s"]`` has the stages.
 
