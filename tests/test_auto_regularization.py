@@ -123,20 +123,27 @@ def test_lsqr_auto_stops_by_the_discrepancy_principle(case):
     assert e_auto <= 1.1 * min(others)
 
 
-def test_lsqr_auto_stops_at_its_bound_when_the_residual_stays_above_the_noise(case):
+def test_lsqr_auto_stops_near_the_best_stop_when_the_residual_floor_is_model_error(case, monkeypatch):
     """High SNR: LSQR's residual floor is the field's model error (here the smooth residual), above the
-    noise; the discrepancy stop would come at 24 iterations (NRMSE 69 %), the best stop is 3-4 (48 %) at
-    any noise level. auto stops at AUTO_MAX_ITER, says so, and is near the best stop."""
+    noise; a stop at the noise would come at 24 iterations (NRMSE 69 %), the best stop is 3-4 (48 %) at any
+    noise level. The model-error target (the GCV-Tikhonov misfit, auto.MODEL_ERROR_FACTOR) stops it there by
+    the criterion itself; with the noise target alone auto stops at AUTO_MAX_ITER and says so."""
     f, m = case["field"], case["mask"]
-    with pytest.warns(auto.AutoWarning, match=r"lsqr: max_iter=auto: .*stopped at 4 \(AUTO_MAX_ITER\)"):
-        x = lsqr_mod.lsqr_inversion(f, m, noise_std=1e-5, quiet=True)
+    x = lsqr_mod.lsqr_inversion(f, m, noise_std=1e-5, quiet=True)
     rec = lsqr_mod.LSQR_INFO["auto"]
-    assert lsqr_mod.LSQR_INFO["n_iter"] == lsqr_mod.AUTO_MAX_ITER == 4 and not rec["found"]
-    assert len(rec["misfit"]) == 4 and rec["misfit"][-1] > rec["target"]  # the last residual is recorded
+    assert rec["found"] and lsqr_mod.LSQR_INFO["n_iter"] <= lsqr_mod.AUTO_MAX_ITER
+    assert "GCV-Tikhonov" in rec["noise_source"] and rec["target"] > 100 * 1e-5
+    assert rec["misfit"][-1] <= rec["target"] < rec["misfit"][0]
     e_auto = err(x, case)
     others = {k: err(lsqr_mod.lsqr_inversion(f, m, max_iter=k, quiet=True), case) for k in (2, 3, 6, 12)}
     assert e_auto <= 1.05 * min(others.values()), (e_auto, others)
     assert e_auto < 0.85 * others[12]  # measured 54.7 vs 86.8
+    monkeypatch.setattr(auto, "MODEL_ERROR_FACTOR", 0.0)  # the noise alone: the bound
+    with pytest.warns(auto.AutoWarning, match=r"lsqr: max_iter=auto: .*stopped at 4 \(AUTO_MAX_ITER\)"):
+        lsqr_mod.lsqr_inversion(f, m, noise_std=1e-5, quiet=True)
+    rec = lsqr_mod.LSQR_INFO["auto"]
+    assert lsqr_mod.LSQR_INFO["n_iter"] == lsqr_mod.AUTO_MAX_ITER == 4 and not rec["found"]
+    assert len(rec["misfit"]) == 4 and rec["misfit"][-1] > rec["target"]  # the last residual is recorded
 
 
 # -- the noise levels the discrepancy principle needs ---------------------------------------------------
@@ -175,7 +182,9 @@ def test_echo_fit_noise_std_matches_the_simulated_noise():
 
 # -- errors and warnings --------------------------------------------------------------------------------
 
-def test_flat_misfit_curve_warns_and_names_the_weight_used(case):
+def test_flat_misfit_curve_warns_and_names_the_weight_used(case, monkeypatch):
+    # the walk's edges with the noise as the target (a field a dipole model explains: m_T below the noise)
+    monkeypatch.setattr(auto, "MODEL_ERROR_FACTOR", 0.0)
     f, m = case["field"], case["mask"]
     with pytest.warns(auto.AutoWarning, match=r"tv: alpha=auto: .*noise level; used alpha=") as rec:
         tv_mod.tv_admm(f, m, noise_std=10.0 * float(np.sqrt(np.mean(f[m] ** 2))), max_iter=5, quiet=True)
@@ -279,10 +288,50 @@ def test_gcv_without_interior_minimum_warns_and_uses_the_fallback():
     assert res.value == 0.018 and not res.found
 
 
-def test_ndi_auto_stops_at_its_lower_bound_when_the_misfit_stays_above_the_noise(case):
-    """High SNR: the misfit's floor is the field's model error, above the noise; the walk ends at
-    NDI_AUTO_MIN (not at an unregularised weight) and says so."""
+def test_ndi_auto_stops_at_its_lower_bound_when_the_misfit_stays_above_the_noise(case, monkeypatch):
+    """High SNR, the noise alone as the target (MODEL_ERROR_FACTOR 0): the misfit's floor is the field's
+    model error, above the noise; the walk ends at NDI_AUTO_MIN (not at an unregularised weight) and says
+    so. With the model-error target (the default) the walk stops at the GCV-Tikhonov misfit instead."""
+    monkeypatch.setattr(auto, "MODEL_ERROR_FACTOR", 0.0)
     f, m = case["field"], case["mask"]
     with pytest.warns(auto.AutoWarning, match=r"ndi: tikhonov=auto: .*used tikhonov=0.003"):
         ndi_mod.ndi(f, m, noise_std=1e-5, phase_scale=S, max_iter=20, quiet=True)
     assert _info("ndi")["tikhonov"] == ndi_mod.NDI_AUTO_MIN
+
+
+def test_discrepancy_target_rises_to_the_model_error_of_the_field():
+    """A field that a scalar dipole model cannot explain (a smooth non-dipolar shift on one region, like the
+    white-matter orientation term of a real scan) raises the discrepancy target from the noise to the
+    GCV-Tikhonov misfit, and TV's chosen weight with it; on an exact-model field the noise rules."""
+    import warnings
+
+    from qsmlab.physics import DipoleOperator
+    from qsmlab.recon import registry
+    from qsmlab.recon.inversion import auto
+
+    n = 32
+    x, y, z = np.mgrid[:n, :n, :n] - n / 2
+    mask = x**2 + y**2 + z**2 < 13**2
+    chi = np.where((x - 3) ** 2 + y**2 + z**2 < 16, 0.1, 0.0) + np.where(x**2 + (y - 5) ** 2 + z**2 < 9, -0.05, 0.0)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.002, chi.shape)
+    exact = DipoleOperator((1, 1, 1), (0, 0, 1), 2).A(chi * mask) + noise
+    region = (x + 4) ** 2 + (y + 4) ** 2 + z**2 < 36
+    wrong = exact + np.where(region, 0.02 * np.cos(x / 3.0), 0.0)  # not the field of any chi in a dipole model
+    chosen = {}
+    for name, f in (("exact", exact), ("wrong", wrong)):
+        for factor in (0.0, 1.0):
+            keep, auto.MODEL_ERROR_FACTOR = auto.MODEL_ERROR_FACTOR, factor
+            try:
+                auto.clear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    registry.get("inversion", "tv")(f * mask, mask, quiet=True, noise_std=0.002)
+                chosen[name, factor] = auto.last()[-1]
+            finally:
+                auto.MODEL_ERROR_FACTOR = keep
+    # exact model: the Tikhonov misfit is below the noise, the target is the noise either way
+    assert chosen["exact", 1.0].target == pytest.approx(0.002) and chosen["exact", 1.0].value == chosen["exact", 0.0].value
+    # model error: the target rises above the noise, to the Tikhonov misfit, and the weight rises with it
+    assert chosen["wrong", 1.0].target > 1.5 * 0.002 and "GCV-Tikhonov" in chosen["wrong", 1.0].noise_source
+    assert chosen["wrong", 1.0].value > 2.0 * chosen["wrong", 0.0].value
