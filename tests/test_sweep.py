@@ -275,8 +275,14 @@ def test_spread_verdicts_on_known_values():
         return pd.DataFrame(rows)
 
     sp = spread_and_seed_noise(frame([35.0, 34.0, 36.0], [1e-5, 1e-3, 1e-1], [34.2, 33.9]), "lam", "minimize")
-    assert sp["verdict"] == "minimum" and sp["margins"] == {"smaller": 1.0, "larger": 2.0}
+    assert sp["verdict"] == "minimum" and sp["resolved"]
+    assert sp["margins"] == {"smaller": {"nearest": 1.0, "largest": 1.0}, "larger": {"nearest": 2.0, "largest": 2.0}}
     assert sp["seed_range"] == pytest.approx(0.3) and sp["spread"] == pytest.approx(2.0)
+    # the sweep of 2026-12-06: nearest larger neighbour within the noise, the curve still rises out of it
+    sp = spread_and_seed_noise(frame([63.21, 66.27, 66.56, 64.6, 63.61], [4.1e-3, 4.7e-4, 2.9e-5, 7.6e-3, 5.3e-3],
+                                     [64.21, 63.08]), "lam", "minimize")
+    assert sp["verdict"] == "minimum" and not sp["resolved"]
+    assert sp["margins"]["larger"]["nearest"] == pytest.approx(0.40) and sp["margins"]["larger"]["largest"] == pytest.approx(1.39)
     sp = spread_and_seed_noise(frame([34.8, 34.76, 34.82], [1e-5, 1e-4, 5e-4], [34.9, 34.7]), "lam", "minimize")
     assert sp["verdict"] == "flat"
     sp = spread_and_seed_noise(frame([34.8, 34.0, 36.0], [1e-5, 1e-3, 1e-1], [34.9, 34.1]), "lam", "minimize")
@@ -286,4 +292,4 @@ def test_spread_verdicts_on_known_values():
     sp = spread_and_seed_noise(frame([35.0, 34.0, 36.0], [1e-5, 1e-3, 1e-1]), "lam", "minimize")
     assert sp["verdict"] == "no seed noise"
     sp = spread_and_seed_noise(frame([-35.0, -34.0, -36.0], [1e-5, 1e-3, 1e-1], [-34.2]), "lam", "maximize")
-    assert sp["best"] == -34.0 and sp["margins"] == {"smaller": 1.0, "larger": 2.0}
+    assert sp["best"] == -34.0 and sp["margins"]["smaller"]["nearest"] == 1.0 and sp["margins"]["larger"]["largest"] == 2.0

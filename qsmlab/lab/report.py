@@ -77,12 +77,17 @@ def interior(frame: pd.DataFrame, param: str, direction: str) -> bool | None:
 
 
 def spread_and_seed_noise(frame: pd.DataFrame, param: str | None, direction: str) -> dict | None:
-    """Is the optimum a real one? The objective's spread over the search's finished trials, the margins by
-    which the best beats the best finished trial at a smaller and at a larger ``param`` (positive = the
-    best is better), and the seed noise: the values of the best parameters over the best trial and its
-    seed re-runs (sd and range). ``verdict``: ``"minimum"`` when both margins exceed the seed range (or,
-    without re-runs, nothing can be said: ``"no seed noise"``), ``"flat"`` when the spread is within it,
-    ``"edge"`` when no finished trial lies on one side, else ``"within noise"``."""
+    """Is the optimum a real one? The objective's spread over the search's finished trials; per side of the
+    best ``param`` value, the margins by which the best beats the finished trials there (``nearest``: the
+    best of them, ``largest``: the worst of them; positive = the best is better); and the seed noise: the
+    values of the best parameters over the best trial and its seed re-runs (sd and range).
+
+    ``verdict``: ``"minimum"`` when on both sides some finished trial is worse than the best by more than
+    the seed range (the objective rises out of the noise on both sides: the issue's test, "the best beats
+    a finished trial at a smaller and one at a larger value"); ``"flat"`` when the whole spread is within
+    the seed range; ``"edge"`` when no finished trial lies on one side; ``"within noise"`` otherwise;
+    ``"no seed noise"`` without re-runs. ``resolved`` says whether the nearest neighbours are also beaten
+    by more than the noise (else the optimum's position is only known to lie between them)."""
     best = _best(frame, direction)
     if best is None:
         return None
@@ -97,21 +102,21 @@ def spread_and_seed_noise(frame: pd.DataFrame, param: str | None, direction: str
     out["seed_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
     out["seed_range"] = float(max(vals) - min(vals)) if len(vals) > 1 else float("nan")
     col = f"params.{param}" if param else None
-    margins = {}
+    margins: dict[str, dict | None] = {}
     if col and col in done and np.issubdtype(done[col].dtype, np.number):
         for side, sel in (("smaller", done[col] < best[col]), ("larger", done[col] > best[col])):
-            other = done[sel]
-            margins[side] = (float(sign * (other["value"].min() - best["value"]) if sign > 0 else
-                                   sign * (other["value"].max() - best["value"])) if len(other) else None)
+            m = sign * (done[sel]["value"] - best["value"])
+            margins[side] = {"nearest": float(m.min()), "largest": float(m.max())} if len(m) else None
     out["margins"] = margins
     noise = out["seed_range"]
+    out["resolved"] = bool(margins) and all(v is not None and v["nearest"] > noise for v in margins.values())
     if margins and any(v is None for v in margins.values()):
         out["verdict"] = "edge"
     elif not np.isfinite(noise):
         out["verdict"] = "no seed noise"
     elif out["spread"] <= noise:
         out["verdict"] = "flat"
-    elif margins and all(v is not None and v > noise for v in margins.values()):
+    elif margins and all(v["largest"] > noise for v in margins.values()):
         out["verdict"] = "minimum"
     else:
         out["verdict"] = "within noise"
@@ -129,12 +134,15 @@ def spread_lines(sp: dict, param: str | None) -> list[str]:
                      + f" (sd {sp['seed_sd']:.3g}, range {sp['seed_range']:.3g} points).")
     for side, v in sp["margins"].items():
         if v is not None:
-            lines.append(f"- The best beats the best finished trial at a {side} `{param}` by {v:.3g} points.")
+            lines.append(f"- At a {side} `{param}` the finished trials are worse than the best by "
+                         f"{v['nearest']:.3g} (nearest) to {v['largest']:.3g} points.")
     verdict = {
-        "minimum": "a real minimum: the best beats both sides by more than the seed noise.",
+        "minimum": "a real minimum: on both sides the objective rises above the seed noise"
+                   + ("." if sp.get("resolved") else "; the nearest trials are within it, so the optimum's "
+                      "position is known to lie between them."),
         "flat": f"**flat**: the objective's whole spread is within the seed noise; `{param}` does not matter here.",
-        "within noise": "**not resolved**: a margin is within the seed noise; the optimum is not distinguishable "
-                        "from its neighbours.",
+        "within noise": "**not resolved**: on one side no finished trial is worse than the best by more than the "
+                        "seed noise.",
         "edge": "at the edge of the sampled values: no finished trial on one side.",
         "no seed noise": "no seed re-runs (`seed_reruns` in the sweep file): the spread cannot be set against "
                          "seed noise.",
