@@ -408,7 +408,8 @@ def main() -> None:
     if a.cache_only:
         return
     sets = sorted({case_set(r["case"]) for r in rows}, key=lambda v: v != "1x1x1")
-    grids = {"1x1x1": "96^3", "0.5x0.5x2": "160 x 160 x 40"}
+    grids = ({"1x1x1": "96^3", "0.5x0.5x2": "160 x 160 x 40"} if a.recipe == "clean" else
+             {"1x1x1": "80^3", "0.5x0.5x2": "128 x 128 x 40"})
     where = (f"{a.shape if a.crop is None else [a.crop] * 3} at {' x '.join(f'{v:g}' for v in a.voxel_size)} mm"
              if not a.from_csv else ", ".join(f"{v} mm ({grids.get(v, '?')})" for v in sets))
     from qsmlab.recon.inversion import auto

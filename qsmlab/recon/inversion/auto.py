@@ -214,10 +214,14 @@ def estimate_noise_std(field: np.ndarray, mask: np.ndarray) -> float:
 #: "effective noise" of a regularised dipole fit, model error included. Why: on a real scan the misfit at
 #: the best weight is set by model error (anisotropy, sub-voxel veins, background-removal residue), and
 #: the noise-only target chose TV/MEDI/NDI weights 4-5x too small, while GCV was right (issue 15). On the
-#: realistic subjects (qsmlab.data.realistic; benchmarks/compare_classical.py --recipe realistic, see
-#: benchmarks/results/compare_classical_realistic/summary.md) the noise-only target again chose MEDI's
-#: and NDI's weights too small (MEDI 2.6x: 54.3 -> 52.9 % NRMSE against the truth, 45.8 -> 44.4 % against
-#: the simulated COSMOS with the factor 1; NDI 70.5 -> 69.6 %, 54.7 -> 52.3 %) and TV's within 1.5 %.
+#: realistic subjects (qsmlab.data.realistic; benchmarks/compare_classical.py --recipe realistic, results in
+#: benchmarks/results/compare_classical_realistic/summary.md: 4 cases at 1 mm, 0 and 20 deg, 1 at 0.5 x 0.5 x 2
+#: mm) the target with the factor 1 put tv, ndi, lsqr and cfl2 within 1.9 % of the oracle weight's NRMSE
+#: against the truth and 3.5 % against the simulated COSMOS at 1 mm, where the noise alone left NDI 4.9 % /
+#: 10.3 % off (at 20 deg) and chose MEDI's weight at least 2.6x too small (54.3 -> 52.9 % against the truth,
+#: 45.8 -> 44.4 % against COSMOS on one case). Not yet right everywhere: at 0.5 x 0.5 x 2 mm NDI is
+#: over-regularised (68.7 vs 64.2 %, 15 % against COSMOS; the noise alone: 0.3 %) while TV is right (0.04 %;
+#: the noise alone 4.5 % / 9.4 %); one case, so that geometry needs more of them.
 #: 0 turns the model-error term off (the noise alone, Morozov's original target).
 MODEL_ERROR_FACTOR = 1.0
 
