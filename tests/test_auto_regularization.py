@@ -128,6 +128,7 @@ def test_lsqr_auto_stops_near_the_best_stop_when_the_residual_floor_is_model_err
     noise; a stop at the noise would come at 24 iterations (NRMSE 69 %), the best stop is 3-4 (48 %) at any
     noise level. The model-error target (the GCV-Tikhonov misfit, auto.MODEL_ERROR_FACTOR) stops it there by
     the criterion itself; with the noise target alone auto stops at AUTO_MAX_ITER and says so."""
+    monkeypatch.setattr(auto, "MODEL_ERROR_FACTOR", 1.0)
     f, m = case["field"], case["mask"]
     x = lsqr_mod.lsqr_inversion(f, m, noise_std=1e-5, quiet=True)
     rec = lsqr_mod.LSQR_INFO["auto"]
