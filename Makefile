@@ -26,8 +26,8 @@ help:
 	@echo "make loocv EXP=uqsm_tv [MANIFEST=m.csv]  leave-one-subject-out batch with TKD/TV baselines (no MANIFEST: demo)"
 	@echo "make compare [RUNS='runs/a runs/b'] [REPORT=dir]   tables and figures from the CSV logs"
 	@echo "make dashboard [STUDY=uqsm_tv] [STORAGE=url]        optuna-dashboard on localhost:$(PORT)"
-	@echo "make test                fast test suite (creates .venv from requirements/lock.txt if missing)"
-	@echo "make lock                regenerate requirements/lock.txt (pip-tools, hashes)"
+	@echo "make test                fast test suite (creates .venv from requirements.lock if missing)"
+	@echo "make lock                regenerate requirements.lock (pip-tools, hashes)"
 	@echo "make test-latest         fast suite in a throw-away venv of the newest releases (drift check)"
 	@echo "make test-all            every test, slow ones included"
 	@echo "make lint                ruff"
@@ -35,14 +35,14 @@ help:
 
 venv: $(STAMP)
 
-# Installs come from the committed lock (requirements/lock.txt, hashes checked), so a fresh machine gets
+# Installs come from the committed lock (requirements.lock, hashes checked), so a fresh machine gets
 # the versions the tests were run with. torch in the lock is the CPU wheel 2.13.0+cpu (found through the
 # machine's pip find-links, or https://download.pytorch.org/whl/cpu elsewhere). The project itself is
 # installed without build isolation so its build backend comes from the lock too.
-$(STAMP): requirements/lock.txt pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --require-hashes -r requirements/lock.txt
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -50,7 +50,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q pip-tools
 	.lockenv/bin/pip-compile -q --upgrade --extra dev --generate-hashes --allow-unsafe --strip-extras \
-		--no-emit-index-url --no-emit-find-links -o requirements/lock.txt pyproject.toml requirements/pins.in
+		--no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml requirements/pins.in
 	rm -rf .lockenv
 
 # Not in CI: a throw-away venv from the newest releases the pyproject ranges allow (torch stays the local
