@@ -303,7 +303,8 @@ def test_ndi_auto_stops_at_its_lower_bound_when_the_misfit_stays_above_the_noise
 def test_discrepancy_target_rises_to_the_model_error_of_the_field():
     """A field that a scalar dipole model cannot explain (a smooth non-dipolar shift on one region, like the
     white-matter orientation term of a real scan) raises the discrepancy target from the noise to the
-    GCV-Tikhonov misfit, and TV's chosen weight with it; on an exact-model field the noise rules."""
+    GCV-Tikhonov misfit, and TV's chosen weight with it (measured: target 1.7 x the noise, weight 5.8 x,
+    NRMSE 90 -> 45 %); on an exact-model field the noise rules."""
     import warnings
 
     from qsmlab.physics import DipoleOperator
@@ -317,8 +318,9 @@ def test_discrepancy_target_rises_to_the_model_error_of_the_field():
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.002, chi.shape)
     exact = DipoleOperator((1, 1, 1), (0, 0, 1), 2).A(chi * mask) + noise
-    region = (x + 4) ** 2 + (y + 4) ** 2 + z**2 < 36
-    wrong = exact + np.where(region, 0.02 * np.cos(x / 3.0), 0.0)  # not the field of any chi in a dipole model
+    # not the field of any chi in a dipole model, spread over half the head as a white-matter orientation term
+    # is (a term on 10 % of the voxels is, for the robust target, a gross error: auto.OUTLIER_K)
+    wrong = exact + np.where(x + y > 0, 0.015 * np.cos(x / 3.0) * np.cos(z / 4.0), 0.0)
     chosen = {}
     for name, f in (("exact", exact), ("wrong", wrong)):
         for factor in (0.0, 1.0):
@@ -335,4 +337,4 @@ def test_discrepancy_target_rises_to_the_model_error_of_the_field():
     assert chosen["exact", 1.0].target == pytest.approx(0.002) and chosen["exact", 1.0].value == chosen["exact", 0.0].value
     # model error: the target rises above the noise, to the Tikhonov misfit, and the weight rises with it
     assert chosen["wrong", 1.0].target > 1.5 * 0.002 and "GCV-Tikhonov" in chosen["wrong", 1.0].noise_source
-    assert chosen["wrong", 1.0].value > 2.0 * chosen["wrong", 0.0].value
+    assert chosen["wrong", 1.0].value > 3.0 * chosen["wrong", 0.0].value

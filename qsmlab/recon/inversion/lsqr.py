@@ -349,13 +349,24 @@ def lsqr_inversion(
     torch.mul(torch.from_numpy(field.astype(dt)), w, out=b[0])
     stop, count = None, [0]
     if max_iter == auto.AUTO:
+        w2 = w.numpy().astype(np.float64) ** 2
+        gross = {"w2_in": float(np.sum(w2)), "out_sq": 0.0}
+
         def tikhonov_misfit() -> float:  # auto.MODEL_ERROR_FACTOR's m_T with this solver's data term
             chi_t, _ = auto.tikhonov_gcv(field, mask, voxel_size, b0_dir, pad_factor)
-            r = dipole(torch.from_numpy(chi_t.astype(dt))).sub_(torch.from_numpy(field.astype(dt))).mul_(w)
-            return sqrt(_dot(r, r) / _dot(w, w))
+            r = dipole(torch.from_numpy(chi_t.astype(dt))).sub_(torch.from_numpy(field.astype(dt))).numpy()
+            r = r.astype(np.float64)
+            w2_in = auto.inlier_weights(r, w2)
+            # LSQR's stop sees the whole residual norm: gross-error voxels (auto.OUTLIER_K) may keep Tikhonov's
+            # residual there, the others must fall to the target
+            gross.update(w2_in=float(np.sum(w2_in)), out_sq=float(np.sum((w2 - w2_in) * r * r)))
+            return sqrt(float(np.sum(w2_in * r * r)) / max(gross["w2_in"], 1e-30))
 
+        tikhonov_misfit.used = False
         sigma, source, _ = auto.noise_target(field, mask, noise_std, 1.0, tikhonov_misfit)
-        target = sigma * float(np.sqrt(np.sum(w.numpy().astype(np.float64) ** 2)))  # ||W n|| for noise n
+        if not tikhonov_misfit.used:
+            gross.update(w2_in=float(np.sum(w2)), out_sq=0.0)
+        target = sqrt(sigma**2 * gross["w2_in"] + gross["out_sq"])  # ||W n|| for noise n (+ the gross errors)
         rnorms: list[float] = []
 
         def stop(rnorm: float) -> bool:

@@ -189,13 +189,15 @@ def medi(
     if alpha == auto.AUTO:
         t0 = time.perf_counter()
         n = p.shape
+        me = tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn))
         sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask,
-                                                     noise_std, p.scale, tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn)))
+                                                     noise_std, p.scale, me)
+        pm = me.problem  # without the gross-error voxels when the model-error target was measured
 
         def solve(a: float) -> tuple[float, int]:
             before = gn.n_cg
             gn.run(a, Monitor(AUTO_GN_STEPS, 0.0, "MEDI", True))
-            return nonlinear_misfit(p, gn.chi.numpy(), sn), gn.n_cg - before
+            return nonlinear_misfit(pm, gn.chi.numpy(), sn), gn.n_cg - before
 
         res = auto.discrepancy_search(name, "alpha", MEDI_AUTO_GRID, solve, sigma=sigma, sigma_ppm=sigma_ppm,
                                       noise_source=source, scale=p.scale, units=lambda a: a * p.scale)

@@ -170,13 +170,15 @@ def ndi(
     if tikhonov == auto.AUTO:
         t0 = time.perf_counter()
         n = p.shape
+        me = tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn))
         sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask,
-                                                     noise_std, p.scale, tikhonov_misfit(p, lambda q, x: nonlinear_misfit(q, x, sn)))
+                                                     noise_std, p.scale, me)
+        pm = me.problem  # without the gross-error voxels when the model-error target was measured
 
         def solve(tk: float) -> tuple[float, int]:
             mon_ = Monitor(AUTO_ITERATIONS, 0.0, "NDI", True)
             gd.run(tk, lam_grad, mon_)
-            return nonlinear_misfit(p, gd.chi.numpy(), sn), mon_.n_iter
+            return nonlinear_misfit(pm, gd.chi.numpy(), sn), mon_.n_iter
 
         res = auto.discrepancy_search(name, "tikhonov", NDI_AUTO_GRID, solve, sigma=sigma, sigma_ppm=sigma_ppm,
                                       noise_source=source, scale=p.scale, units=float)

@@ -197,20 +197,45 @@ def prepare(field, mask, magnitude, voxel_size, b0_dir, pad_factor: float, metho
                    float(pad_factor))
 
 
-def tikhonov_misfit(p: Problem, misfit: Callable[[Problem, np.ndarray], float]) -> Callable[[], float]:
-    """``m_T`` of :data:`qsmlab.recon.inversion.auto.MODEL_ERROR_FACTOR`: the misfit (solver units, measured
-    by the method's own ``misfit``) of closed-form Tikhonov at its GCV weight on the same field."""
-    from qsmlab.recon.inversion import auto
+class TikhonovMisfit:
+    """``m_T`` of :data:`qsmlab.recon.inversion.auto.MODEL_ERROR_FACTOR`: calling it solves closed-form Tikhonov
+    at its GCV weight on the same field and returns its misfit (solver units, measured by the method's own
+    ``misfit``) over the voxels whose Tikhonov residual is not a gross error (:func:`.auto.inlier_weights`).
 
-    def run() -> float:
-        n = p.shape
+    When the target came from it (:func:`.auto.noise_target` sets :attr:`used`), :attr:`problem` is ``p``
+    with those gross-error voxels weighted 0: the discrepancy search measures every candidate's misfit on
+    it, so target and misfit count the same voxels and no weight chases a residual no dipole field explains
+    (a phase-unwrapping cycle slip at the mask edge). Otherwise (the noise rules, or ``MODEL_ERROR_FACTOR``
+    0: never called) it is ``p`` itself, as before the model-error target existed.
+    """
+
+    def __init__(self, p: Problem, misfit: Callable[[Problem, np.ndarray], float]):
+        self.p, self.misfit, self._inliers = p, misfit, p
+        self.outliers, self.used = 0, False
+
+    @property
+    def problem(self) -> Problem:
+        return self._inliers if self.used else self.p
+
+    def __call__(self) -> float:
+        from dataclasses import replace
+
+        from qsmlab.recon.inversion import auto
+
+        p, n = self.p, self.p.shape
         f = np.asarray(p.field[: n[0], : n[1], : n[2]], np.float64)
         chi, _ = auto.tikhonov_gcv(f, p.mask, p.voxel_size, p.b0_dir, p.pad_factor)
         x = np.zeros(p.grid, DTYPE)
-        x[: n[0], : n[1], : n[2]] = chi
-        return misfit(p, x)
+        x[: n[0], : n[1], : n[2]] = chi  # linear in the field: already in solver units
+        w2 = auto.inlier_weights(p.A(x) - p.field, p.w2)
+        self.outliers = int(np.count_nonzero(p.w2) - np.count_nonzero(w2))
+        self._inliers = replace(p, w2=w2) if self.outliers else p
+        return self.misfit(self._inliers, x)
 
-    return run
+
+def tikhonov_misfit(p: Problem, misfit: Callable[[Problem, np.ndarray], float]) -> TikhonovMisfit:
+    """:class:`TikhonovMisfit` of ``p`` with the method's ``misfit``."""
+    return TikhonovMisfit(p, misfit)
 
 
 # A data prox in dual form: ``dual(s_u, v)`` writes ``s_u = v - prox(v)`` (torch tensors, in place), where
@@ -367,8 +392,10 @@ def admm_auto(p: Problem, prox: Callable[[float], DataProx], method: str, *, noi
 
     t0 = time.perf_counter()
     n = p.shape
+    me = tikhonov_misfit(p, misfit)
     sigma_ppm, source, sigma = auto.noise_target(p.field[: n[0], : n[1], : n[2]] * p.scale, p.mask, noise_std,
-                                                 p.scale, tikhonov_misfit(p, misfit))
+                                                 p.scale, me)
+    pm = me.problem  # p, or p without the gross-error voxels (measured with the model-error target)
     state = None
     dual = prox(mu_field)
 
@@ -377,7 +404,7 @@ def admm_auto(p: Problem, prox: Callable[[float], DataProx], method: str, *, noi
         chi, mon, state = admm_tv(p, dual, p.field, alpha=a, mu_grad=a if mu_grad is None else mu_grad,
                                   mu_field=mu_field, max_iter=AUTO_ITERATIONS, tol=0.0, desc=desc,
                                   quiet=True, state=state)
-        return misfit(p, chi), mon.n_iter
+        return misfit(pm, chi), mon.n_iter
 
     res = auto.discrepancy_search(method, "alpha", TV_AUTO_GRID, solve, sigma=sigma, sigma_ppm=sigma_ppm,
                                   noise_source=source, scale=p.scale, units=lambda a: a * p.scale)
