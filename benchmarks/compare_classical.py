@@ -415,7 +415,7 @@ def main() -> None:
     from qsmlab.recon.inversion import auto
 
     text = (f"## Classical inversions on {a.recipe} in-vivo-like subjects (auto's model-error factor "
-            f"{auto.MODEL_ERROR_FACTOR:g}): mean over {len(set(r['case'] for r in rows))} cases "
+            f"{auto.MODEL_ERROR_FACTOR:g}, exponent {auto.MODEL_ERROR_EXPONENT:g}): mean over {len(set(r['case'] for r in rows))} cases "
             f"(seeds {a.seeds}, SNR {a.snr}, tilt {a.tilt} deg; {where})"
             "\n\nDemeaned NRMSE (%) in the valid mask; times in s on this machine.\n\n" + summarise(rows))
     cols = ["case", "method", "param", "default_value", "default_nrmse", "auto_nrmse", "oracle_value",
