@@ -1,8 +1,9 @@
 """Learned methods vs classical inversions on held-out synthetic subjects: a metrics table and a figure.
 
-Each learned method trains its experiment's ``quick`` profile (``experiments/<name>.yaml``: the embedded
-default dataset, 2 CPU cores) through the platform's ``fit`` (:func:`qsmlab.lab.run.execute`), and its
-validation-selected checkpoint (best ``val/nrmse`` on anat004, else the last) is scored on subjects that
+Each learned method trains its experiment's ``quick`` profile (``experiments/<name>.yaml``: since issue 15
+the realistic 1.5 mm heads of ``data_manifests/train_realistic_recipe.yaml`` for most methods, the embedded
+default for the others; 2 CPU cores) through the platform's ``fit`` (:func:`qsmlab.lab.run.execute`), and its
+validation-selected checkpoint (best ``val/nrmse`` on the profile's validation subject, else the last) is scored on subjects that
 were never seen: the default recipe's anatomical group (MNI152 anatomy, 2 mm, 3 T, 5 echoes, SNR 100)
 generated with another seed (``--test-seed``), plus one random-shape phantom for the uQSM-DIP check.
 

@@ -22,7 +22,10 @@ from pathlib import Path
 from qsmlab.lab.config import RUNS_DIR
 
 DEMO_SUBJECTS = 4
-DEMO_VOXEL_MM = 2.0  # the embedded dataset's grid: the quick profiles' whole-volume patch (93 x 111 x 98)
+DEMO_VOXEL_MM = 2.0  # the embedded dataset's grid
+#: The embedded dataset's 2 mm grid: a profile whose patch is larger (the quick profiles' whole volumes of their
+#: 1.5 mm realistic heads, 112 x 112 x 104) trains on whole 2 mm volumes in the demo.
+DEMO_WHOLE_VOLUME = [93, 111, 98]
 DEMO_STEPS = 20
 DEMO_TV_ALPHAS = (1e-4, 1e-3)
 """TV's weight is tuned per fold over these (each TV solve of a 2 mm head is the demo's largest cost)."""
@@ -72,6 +75,11 @@ def run_demo(experiment: str, out: str | Path | None = None, overrides=(), quiet
     exp_name = C.experiment_path(experiment).stem
     out = Path(out) if out else RUNS_DIR / f"loocv-{exp_name}-demo"
     hybrid = demo_manifest(out / "demo", quiet=quiet)
-    ov = [("trainer.max_steps", DEMO_STEPS), ("trainer.val_check_interval", None), *overrides]
+    ov = [("trainer.max_steps", DEMO_STEPS), ("trainer.val_check_interval", None)]
+    profile = kw.get("profile") or (C.DEFAULT_PROFILE if C.DEFAULT_PROFILE in C.profiles_of(experiment) else None)
+    patch = C.get_dotted(C.load_experiment(experiment, profile), "data.patch_size")
+    if isinstance(patch, (list, tuple)) and len(patch) == 3 and any(int(a) > b for a, b in zip(patch, DEMO_WHOLE_VOLUME)):
+        ov.append(("data.patch_size", DEMO_WHOLE_VOLUME))  # a whole-volume patch larger than the demo's volumes
+    ov += list(overrides)
     kw.setdefault("tv_alphas", DEMO_TV_ALPHAS)
     return run_loocv(experiment, str(hybrid), out=out, overrides=ov, quiet=quiet, **kw)
