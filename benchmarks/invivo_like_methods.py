@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--runs-extra", nargs="*", default=[], metavar="NAME=CKPT",
                     help="more learned rows from checkpoint files, e.g. uqsm_tv_sweep=runs/uqsm_tv/trials/.../last.ckpt")
     ap.add_argument("--tag", default="", help="suffix of the output files (invivo_like_methods<tag>.md)")
+    ap.add_argument("--classical", default=None,
+                    help="comma-separated classical rows (default: tkd,cfl2,tv; realistic: + ndi,lsqr,medi)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
@@ -152,6 +154,12 @@ def main() -> None:
 
     inv = lambda n: registry.get("inversion", n)  # noqa: E731
     classical = (("tkd", {"threshold": 0.19}), ("cfl2", {}), ("tv", {})) if a.recipe == "clean" else CLASSICAL_REALISTIC
+    if a.classical is not None:
+        known = dict(CLASSICAL_REALISTIC)
+        bad = [n for n in a.classical.split(",") if n and n not in known]
+        if bad:
+            ap.error(f"--classical: unknown {', '.join(bad)} (known: {', '.join(known)})")
+        classical = tuple((n, known[n]) for n in a.classical.split(",") if n)
     for name, kw in classical:
         t1 = time.perf_counter()
         # realistic: the magnitude weights the data term where the method takes one, as in the pipeline
