@@ -44,13 +44,26 @@ WM_SHIFT_PPM = 0.01        # amplitude of the white-matter orientation term (ppm
 RESIDUAL_RMS_PPM = 0.002   # smooth background-removal residual (ppm)
 
 
+def load_npz(path: Path) -> dict:
+    """Every array of a cached ``.npz`` (read into memory)."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    """Write a cache file atomically (a killed run leaves no half-written cache behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
 def _subject_arrays(seed: int, tilt: float, voxel_size, shape) -> dict:
     """The expensive part (whole-head simulation), cached on disk."""
     key = hashlib.sha1(json.dumps([seed, tilt, list(voxel_size), list(shape), 1]).encode()).hexdigest()[:12]
     path = CACHE / f"invivo_{seed}_{tilt:g}_{key}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        return load_npz(path)
     from qsmlab.data.invivo_like import INVIVO_SNR, field_noise_ppm, invivo_like_subject
 
     s = invivo_like_subject(seed, voxel_size=voxel_size, tilt_deg=tilt, shape=shape)
@@ -60,10 +73,7 @@ def _subject_arrays(seed: int, tilt: float, voxel_size, shape) -> dict:
            "magnitude": np.sqrt(np.mean(s.magnitude.astype(np.float64) ** 2, axis=-1)).astype(np.float32),
            "sd1": np.where(s.mask, sd1, 0).astype(np.float32), "b0_dir": s.b0_dir,
            "voxel_size": np.asarray(s.voxel_size)}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **out)
-    tmp.replace(path)
+    save_npz(path, out)
     return out
 
 
@@ -90,8 +100,7 @@ def invivo_case(seed: int, tilt: float = 0.0, snr: float = 60.0, voxel_size=(1.0
                                    RESIDUAL_RMS_PPM, 1]).encode()).hexdigest()[:12]
     path = CACHE / f"case_{seed}_{tilt:g}_{snr:g}_{key}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            c = {k: z[k] for k in z.files}
+        c = load_npz(path)
         c["voxel_size"] = tuple(float(v) for v in c["voxel_size"])
         c.update({k: float(c[k]) for k in ("field_rms", "error_rms", "noise_sd")}, name=str(c["name"]))
         return c
@@ -120,10 +129,7 @@ def invivo_case(seed: int, tilt: float = 0.0, snr: float = 60.0, voxel_size=(1.0
     c = {"chi": chi * mask, "mask": valid, "field": field, "magnitude": mag, "b0_dir": b0, "voxel_size": vs,
          "field_rms": float(np.sqrt(np.mean(field[valid] ** 2))), "error_rms": float(np.sqrt(np.mean(err**2))),
          "noise_sd": float(np.median(sd1[valid]) / snr), "name": f"s{seed}_snr{snr:g}_tilt{tilt:g}" + _vs_tag(vs)}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **c)
-    tmp.replace(path)
+    save_npz(path, c)
     return c
 
 
@@ -137,8 +143,7 @@ def realistic_case(seed: int, tilt: float = 0.0, voxel_size=(1.0, 1.0, 1.0), sha
     key = hashlib.sha1(json.dumps([seed, tilt, list(voxel_size), list(shape), "realistic", 1]).encode()).hexdigest()[:12]
     path = CACHE / f"realistic_{seed}_{tilt:g}_{key}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            c = {k: z[k] for k in z.files}
+        c = load_npz(path)
     else:
         r = realistic_subject(seed, voxel_size=tuple(voxel_size), tilt_deg=tilt, shape=tuple(shape), cosmos=True)
         m = r.valid_mask
@@ -150,10 +155,7 @@ def realistic_case(seed: int, tilt: float = 0.0, voxel_size=(1.0, 1.0, 1.0), sha
              "field_rms": float(np.sqrt(np.mean(r.local_field[m] ** 2))),
              "error_rms": float(np.sqrt(np.mean((err - err.mean()) ** 2))), "noise_sd": float(r.noise_std_ppm),
              "name": f"r{seed}_snr60_tilt{tilt:g}" + _vs_tag(voxel_size)}
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **c)
-        tmp.replace(path)
+        save_npz(path, c)
     c["voxel_size"] = tuple(float(v) for v in c["voxel_size"])
     c.update({k: float(c[k]) for k in ("field_rms", "error_rms", "noise_sd")}, name=str(c["name"]))
     return c

@@ -40,7 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from compare_methods import measured_field  # noqa: E402  (this folder: run as python benchmarks/...)
+from compare_classical import load_npz, save_npz  # noqa: E402  (this folder: run as python benchmarks/...)
+from compare_methods import measured_field  # noqa: E402
 
 from qsmlab.metrics import compute_all  # noqa: E402
 from qsmlab.recon import registry  # noqa: E402
@@ -75,8 +76,7 @@ def realistic(seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) -> dict:
     key = hashlib.sha1(json.dumps([seed, list(voxel), list(shape), float(tilt), "realistic", 1]).encode()).hexdigest()[:12]
     path = CACHE / f"real{seed}_{key}.npz"
     if path.is_file():  # the 160^3 head costs minutes and ~8 GB (a 320^3 fine grid): cached
-        with np.load(path) as z:
-            d = {k: z[k] for k in z.files}
+        d = load_npz(path)
         return {**d, "name": str(d["name"]), "vs": tuple(float(v) for v in d["vs"]),
                 "b0": tuple(float(v) for v in d["b0"]), "noise_ppm": float(d["noise_ppm"])}
     from qsmlab.data.realistic.subject import realistic_subject
@@ -87,10 +87,7 @@ def realistic(seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) -> dict:
          "b0": tuple(float(b) for b in r.b0_dir), "magnitude": r.magnitude[..., 0].astype(np.float32),
          "local": (r.local_field * m).astype(np.float32), "total": (r.total_field * r.mask).astype(np.float32),
          "noise_ppm": float(r.noise_std_ppm)}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **d)
-    tmp.replace(path)
+    save_npz(path, d)
     return d
 
 
