@@ -148,6 +148,25 @@ def test_tv_ignores_the_mask_edge():
     assert TVLoss()(b["mask"].clone(), {"voxel_size": b["voxel_size"]}, None).item() > 0.0  # no mask: counts
 
 
+def test_tv_on_the_grid_counts_the_edge_and_outside_per_mask_voxel():
+    """support="grid": a box of 1 in a grid of 0 pays its surface (the jump at the box's faces, per mm),
+    divided by the mask's voxel count; a constant over the whole grid still has no TV."""
+    n, k = 16, 4
+    box = torch.zeros(1, 1, n, n, n, dtype=torch.float64)
+    box[..., 6:6 + k, 6:6 + k, 6:6 + k] = 1.0
+    mask = torch.zeros_like(box)
+    mask[..., 4:12, 4:12, 4:12] = 1.0
+    b = {"mask": mask, "voxel_size": torch.tensor([VS], dtype=torch.float64)}
+    grid = TVLoss(support="grid")
+    faces = sum(2 * k * k / h for h in VS)  # two faces of k x k pairs per axis, each a jump of 1 / h
+    assert grid(box, b, None).item() == pytest.approx(faces / mask.sum().item(), rel=1e-12)
+    assert TVLoss()(box, b, None).item() == pytest.approx(grid(box, b, None).item(), rel=1e-12)  # box inside mask
+    assert TVLoss()(mask.clone(), b, None).item() == 0.0 < grid(mask.clone(), b, None).item()
+    assert grid(torch.full_like(box, 0.3), b, None).item() == 0.0
+    with pytest.raises(ValueError, match="support must be 'mask' or 'grid'"):
+        TVLoss(support="everywhere")
+
+
 # -- physics of the data-consistency family --------------------------------------------------------
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_nonlinear_invariant_to_2pi_wraps_of_the_phase(norm):

@@ -56,6 +56,20 @@ def test_the_ablation_is_four_configs(exp, kind, tv, tiny_manifest, monkeypatch)
     assert not cli.trainer._accelerator_connector.use_distributed_sampler
 
 
+def test_free_support_lets_the_loss_see_chi_outside_the_mask():
+    """support free: the training loss sees the network's unmasked output (chi outside the mask may explain
+    the masked field) and TV over the whole patch; the default masks as at inference; a bad value is one line."""
+    out = {"chi": torch.ones(1, 1, 8, 8, 8)}
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[..., 2:6, 2:6, 2:6] = 1
+    free, masked = UQSM(depth=2, width=4, loss={"support": "free"}), UQSM(depth=2, width=4)
+    assert torch.equal(free.training_outputs(out, mask)["chi"], out["chi"])
+    assert torch.equal(masked.training_outputs(out, mask)["chi"], mask)
+    assert free.loss_fn.terms["tv"].support == "grid" and masked.loss_fn.terms["tv"].support == "mask"
+    with pytest.raises(QSMInputError, match="model.loss.support: expected 'mask' or 'free'"):
+        UQSM(depth=2, width=4, loss={"support": "outside"})
+
+
 def test_uqsm_learns_from_physics_alone(tiny_manifest):
     """Twenty steps on one batch drive the self-supervised loss down (gradients reach the network through
     scaling, padding, masking and the dipole operator), with no chi in the batch."""

@@ -249,6 +249,10 @@ class QSMMethod(MethodModule):
         (:func:`qsmlab.methods.patches.interior`); the network's input mask is unchanged."""
         return interior(batch, self.options.patch_margin) if dataclasses.is_dataclass(batch) else batch
 
+    def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs the training loss sees (default: masked, as at inference)."""
+        return self.mask_outputs(out, mask)
+
     def training_loss(self, batch, outputs, physics) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, {"loss_<term>": value})`` of the training outputs (masked, ppm)."""
         return self.loss_fn(outputs, self.loss_batch(batch), physics)
@@ -259,7 +263,7 @@ class QSMMethod(MethodModule):
         batch = self.training_batch(self.prepare_batch(batch), physics)
         out = self.infer_images(self.batch_images(batch), (batch.voxel_size, batch.b0_dir), tuple(self.outputs),
                                 windows=False, physics=physics)
-        total, parts = self.training_loss(batch, self.mask_outputs(out, batch.mask), physics)
+        total, parts = self.training_loss(batch, self.training_outputs(out, batch.mask), physics)
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch))
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=len(batch))
         self.last_loss_parts = {k: float(v.detach()) for k, v in parts.items()}

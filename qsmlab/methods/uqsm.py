@@ -37,6 +37,13 @@ class UQSMLoss:
         lambda_dc: weight of the data-consistency term.
         lambda_tv: weight of the TV term (ppm/mm); 0 switches TV off (the NDI-only ablation).
         phase_scale: rad/ppm for the nonlinear kind, overriding the batches' ``phase_scale``.
+        support: where the training loss lets chi be nonzero. ``"mask"`` (the paper): chi is masked before
+            the loss. ``"free"``: the loss sees the network's whole output; chi outside the mask (not
+            scored, masked at inference) may explain the part of the masked field that no chi inside it can
+            (V-SHARP residue, sources at the mask's edge), and TV counts every difference of the patch
+            (``TVLoss(support="grid")``). Why (issue 15, ``benchmarks/results/uqsm_loss_landscape.md``): on a
+            realistic subject the truth's data term is 5x TKD's, and the map optimised on the masked loss
+            ends *worse* than TKD (55.7 % vs 56.9 %); with free support the same optimisation ends at 50.6 %.
     """
 
     dc: str = "nonlinear"
@@ -44,6 +51,7 @@ class UQSMLoss:
     lambda_dc: float = 1.0
     lambda_tv: float = 2e-4
     phase_scale: float | None = None
+    support: str = "mask"
 
 
 def build_uqsm_loss(cfg: UQSMLoss) -> CompositeLoss:
@@ -51,12 +59,14 @@ def build_uqsm_loss(cfg: UQSMLoss) -> CompositeLoss:
         raise QSMInputError(f"model.loss.dc: expected one of {list(DATA_CONSISTENCY_KINDS)}, got {cfg.dc!r}")
     if cfg.dc_norm not in ("l1", "l2"):
         raise QSMInputError(f"model.loss.dc_norm: expected 'l1' or 'l2', got {cfg.dc_norm!r}")
+    if cfg.support not in ("mask", "free"):
+        raise QSMInputError(f"model.loss.support: expected 'mask' or 'free', got {cfg.support!r}")
     for k in ("lambda_dc", "lambda_tv"):
         if not getattr(cfg, k) >= 0:
             raise QSMInputError(f"model.loss.{k}: expected a number >= 0, got {getattr(cfg, k)!r}")
     return CompositeLoss({
         "dc": (DataConsistencyLoss(kind=cfg.dc, norm=cfg.dc_norm, phase_scale=cfg.phase_scale), cfg.lambda_dc),
-        "tv": (TVLoss(), cfg.lambda_tv),
+        "tv": (TVLoss(support="grid" if cfg.support == "free" else "mask"), cfg.lambda_tv),
     })
 
 
@@ -82,6 +92,9 @@ class UQSM(QSMMethod):
                                                 depth=depth, width=width, upsample=upsample, norm=norm))
         self.loss_fn = build_uqsm_loss(self.loss_config)
         self.save_method_hyperparameters(locals())
+
+    def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return out if self.loss_config.support == "free" else super().training_outputs(out, mask)
 
     @property
     def requires(self) -> tuple[str, ...]:  # what the loss reads beyond the inputs
