@@ -41,7 +41,7 @@ class UQSMLoss:
             the loss. ``"free"``: the loss sees the network's whole output; chi outside the mask (not
             scored, masked at inference) may explain the part of the masked field that no chi inside it can
             (V-SHARP residue, sources at the mask's edge), and TV counts every difference of the patch
-            (``TVLoss(support="grid")``). Why (issue 15, ``benchmarks/results/uqsm_loss_landscape.md``): on a
+            (``TVLoss(support="grid")``). Why (issue 15, ``benchmarks/results/uqsm_loss_landscape/``): on a
             realistic subject the truth's data term is 5x TKD's, and the map optimised on the masked loss
             ends *worse* than TKD (55.7 % vs 56.9 %); with free support the same optimisation ends at 50.6 %.
     """
