@@ -18,6 +18,7 @@ from pathlib import Path
 
 import invivo_like_methods as ilm  # this folder: run as python benchmarks/...
 import torch
+from compare_classical import last_info_of
 
 from qsmlab.metrics.nrmse import nrmse
 from qsmlab.recon import registry
@@ -41,8 +42,8 @@ def main() -> None:
         kw = {"voxel_size": s["vs"], "b0_dir": s["b0"], "magnitude": s["magnitude"], "quiet": True}
         for name in a.methods:
             fn = registry.get("inversion", name)
-            info = __import__(fn.__module__, fromlist=["last_info"]).last_info
             x = fn(s["local"], s["mask"], **kw)
+            info = last_info_of(name)
             w0, est = info["alpha"], info["auto"]["noise_std"]
             scaled = []
             for f in FACTORS[name]:

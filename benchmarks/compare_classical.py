@@ -184,13 +184,19 @@ def _nrmse(x, ref, m) -> float:
     return float(nrmse_demeaned(x, ref, m))
 
 
-def _chosen(name: str, param: str) -> float | None:
-    """The value the last call of ``name`` used for ``param`` (auto's choice), from its module's info."""
+def last_info_of(name: str) -> dict:
+    """The info dict the last call of inversion ``name`` left in its module (``last_info``; cg and lsqr keep
+    their own): the weight it used and, with ``"auto"``, the search (``info["auto"]``)."""
     import importlib
 
     mod = importlib.import_module(f"qsmlab.recon.inversion.{ {'cg': 'lsqr', 'lsqr': 'lsqr'}.get(name, name)}")
-    info = {"cg": getattr(mod, "CG_INFO", {}), "lsqr": getattr(mod, "LSQR_INFO", {})}.get(
+    return {"cg": getattr(mod, "CG_INFO", {}), "lsqr": getattr(mod, "LSQR_INFO", {})}.get(
         name, getattr(mod, "last_info", {}))
+
+
+def _chosen(name: str, param: str) -> float | None:
+    """The value the last call of ``name`` used for ``param`` (auto's choice), from its module's info."""
+    info = last_info_of(name)
     if name == "lsqr":
         return float(info.get("n_iter", float("nan")))
     v = info.get(param)
