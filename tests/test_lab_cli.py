@@ -74,6 +74,15 @@ def test_bad_override_is_one_line_and_leaves_no_run(tmp_path, manifest, monkeypa
     assert "no such file" in capsys.readouterr().err
 
 
+def test_patch_larger_than_a_volume_is_one_line_and_leaves_no_run(tmp_path, manifest, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exp = write_tiny_experiment(tmp_path, manifest)
+    assert main(["fit", str(exp), "--data.patch_size", "32"]) == 2  # the volumes are 16^3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exceeds the grid (16, 16, 16)" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1", WANDB_MODE="offline")
