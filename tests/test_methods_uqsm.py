@@ -134,6 +134,25 @@ def test_dip_stop_rules_and_reproducibility(tiny_manifest):
         UQSMDIP(width=4, depth=2, loss={"dc": "nonlinear"}).fit_volume(v["field"], mask, **kw)
 
 
+def test_dip_free_support_fits_with_the_unmasked_output_and_returns_a_masked_map(tiny_manifest):
+    """qsmlab dip --support free: the fit's loss sees the network's output outside the mask (the same seed
+    then ends elsewhere than the masked fit), the result is masked all the same."""
+    r, v = _volume(tiny_manifest, VAL_SUBJECT)
+    mask = v["mask"] > 0.5
+    kw = dict(voxel_size=r.voxel_size, b0_dir=r.b0_dir, magnitude=v["magnitude"])
+    a = UQSMDIP(width=4, depth=2, iterations=5, seed=3, loss={"dc": "weighted"}).fit_volume(v["field"], mask, **kw)
+    b = UQSMDIP(width=4, depth=2, iterations=5, seed=3, loss={"dc": "weighted", "support": "free"}).fit_volume(
+        v["field"], mask, **kw)
+    assert np.all(b[~mask] == 0) and np.all(a[~mask] == 0)
+    assert np.abs(a - b)[mask].max() > 1e-4 * np.abs(a[mask]).max()
+    # the learning curve: the snapshot after 2 of 5 iterations is the 2-iteration fit (same seed)
+    two = UQSMDIP(width=4, depth=2, iterations=2, seed=3, loss={"dc": "weighted", "support": "free"})
+    c = two.fit_volume(v["field"], mask, **kw)
+    five = UQSMDIP(width=4, depth=2, iterations=5, seed=3, loss={"dc": "weighted", "support": "free"})
+    five.fit_volume(v["field"], mask, snapshots=(2, 9), **kw)
+    assert set(five.last_fit["snapshots"]) == {2} and np.allclose(five.last_fit["snapshots"][2], c, atol=1e-6)
+
+
 def test_dip_lightning_path_stops_after_its_iterations(tiny_manifest, tmp_path):
     """The sweepable path: a one-volume datamodule whose patch is the whole volume."""
     torch.manual_seed(0)

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-consistency kind (default auto)")
     p.add_argument("--lambda-tv", type=float, default=None, metavar="W",
                    help="TV weight (default: uQSM's default for nonlinear, scaled by 1/phase_scale^2 for linear kinds)")
+    p.add_argument("--support", default="mask", choices=("mask", "free"),
+                   help="where the loss lets chi be nonzero: mask (the paper) or free (the network's output outside "
+                        "the mask may explain the part of the field no chi inside can; the result is masked either way)")
     p.add_argument("--phase-scale", type=float, metavar="RAD_PER_PPM", help="phase per ppm of field (rad/ppm)")
     p.add_argument("--te", type=float, metavar="S", help="echo time (s) for phase_scale")
     p.add_argument("--b0", type=float, metavar="T", help="field strength (T) for phase_scale")
@@ -116,7 +119,7 @@ def run(args) -> int:
         lam = default_tv / (ps ** 2 if ps is not None else UQSMDIP_DEFAULT_PHASE_SCALE ** 2)
     if not lam >= 0:
         raise QSMInputError(f"--lambda-tv {lam}: expected a number >= 0")
-    model = UQSMDIP(depth=args.depth, width=args.width, loss=UQSMLoss(dc=dc, lambda_tv=lam, phase_scale=ps),
+    model = UQSMDIP(depth=args.depth, width=args.width, loss=UQSMLoss(dc=dc, lambda_tv=lam, phase_scale=ps, support=args.support),
                     iterations=args.iterations, tol=args.tol, noise_level=args.noise_level, seed=args.seed,
                     lr=args.lr, log_images=False)
     chi = model.fit_volume(field.data, mask, magnitude=mag, voxel_size=vs, b0_dir=b0, phase_scale=ps,
@@ -125,8 +128,8 @@ def run(args) -> int:
     meta = {
         "method": "uqsm_dip", "dc": dc, "lambda_tv": lam, "phase_scale_rad_per_ppm": ps,
         "iterations": args.iterations, "tol": args.tol, "noise_level_ppm": args.noise_level,
-        "depth": args.depth, "width": args.width, "lr": args.lr, "seed": args.seed,
-        "fit": model.last_fit,
+        "support": args.support, "depth": args.depth, "width": args.width, "lr": args.lr, "seed": args.seed,
+        "fit": {k: v for k, v in model.last_fit.items() if k != "snapshots"},
         "B0_dir": [float(c) for c in b0], "voxel_size": [float(c) for c in vs],
         "field": str(args.field), "mask": str(args.mask), "magnitude": args.magnitude,
         "units": "ppm", "qsmlab_version": __version__,

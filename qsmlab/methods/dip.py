@@ -97,8 +97,8 @@ class UQSMDIP(UQSM):
     def fit_volume(self, field: np.ndarray, mask: np.ndarray, magnitude: np.ndarray | None = None,
                    voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
                    phase_scale: float | None = None, iterations: int | None = None,
-                   progress: bool = False, callback: Callable[[int, float, float], None] | None = None
-                   ) -> np.ndarray:
+                   progress: bool = False, callback: Callable[[int, float, float], None] | None = None,
+                   snapshots: Sequence[int] = ()) -> np.ndarray:
         """Fit the network to one volume and return chi (ppm, (X, Y, Z), zero outside the mask).
 
         Args:
@@ -108,6 +108,8 @@ class UQSMDIP(UQSM):
             phase_scale: rad/ppm for ``loss.dc="nonlinear"`` (``2 pi gamma_bar B0 TE``), unless the loss has one.
             iterations: overrides ``self.iterations``.
             progress: a tqdm bar. callback: ``callback(iteration, loss, residual_rms_ppm)`` after each step.
+            snapshots: iteration counts after which chi is also kept (the fit's learning curve, one extra
+                forward pass each): ``self.last_fit["snapshots"]`` maps each count reached to its chi (numpy).
 
         The network is re-initialised (``seed``) first; ``self.last_fit`` records the iterations run, why
         the fit stopped, and the final data consistency.
@@ -148,18 +150,26 @@ class UQSMDIP(UQSM):
                                 weight_decay=float(self.options.weight_decay))
         self.net.train()
         history: list[float] = []
+        keep, kept = {int(k) for k in snapshots}, {}
         reason, rms, it = "iterations", float("nan"), 0
         bar = tqdm(range(n), desc="uQSM-DIP", unit="it", disable=not progress)
         for it in bar:
             opt.zero_grad(set_to_none=True)
-            pred = self.mask_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False), msk)
+            # the loss sees what uQSM's training step sees (loss.support: masked, or free outside the mask);
+            # the result below is masked either way
+            pred = self.training_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False), msk)
             total, parts = self.loss_fn(pred, batch, physics)
             total.backward()
             opt.step()
             with torch.no_grad():
-                r = (physics.A(pred["chi"].detach()) - batch["field"]) * msk
+                r = (physics.A(pred["chi"].detach() * msk) - batch["field"]) * msk
                 rms = float(torch.sqrt((r * r).sum() / n_mask))
             history.append(float(parts["loss_dc"].detach()))
+            if it + 1 in keep:
+                with torch.no_grad():
+                    snap = self.mask_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False),
+                                             msk)["chi"]
+                kept[it + 1] = snap[0, 0].float().cpu().numpy() * m
             if callback is not None:
                 callback(it, float(total.detach()), rms)
             bar.set_postfix(loss=f"{float(total.detach()):.3g}", rms_ppm=f"{rms:.2g}", refresh=False)
@@ -171,7 +181,7 @@ class UQSMDIP(UQSM):
         with torch.no_grad():
             chi = self.mask_outputs(self.infer_images(images, outputs=tuple(self.outputs), windows=False), msk)["chi"]
         self.last_fit = {"iterations": it + 1, "stopped_by": reason, "loss_dc": history[-1],
-                         "residual_rms_ppm": rms, "field_scale_ppm": self.scale}
+                         "residual_rms_ppm": rms, "field_scale_ppm": self.scale, "snapshots": kept}
         return chi[0, 0].float().cpu().numpy() * m
 
     # -- Lightning path: stop rules after each step ---------------------------------------------------
