@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import invivo_like_methods as ilm  # this folder: run as python benchmarks/...
+import numpy as np
 import torch
 
 from qsmlab.data.invivo_like import INVIVO_TE
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the network's initialisation")
     ap.add_argument("--cosmos", action="store_true", help="also score against the cached simulated COSMOS")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", type=Path, default=None, help="folder for each fit's chi (.npy)")
     ap.add_argument("-o", "--out", type=Path, default=Path("dip_whole_heads.md"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -78,7 +80,10 @@ def main() -> None:
                                    snapshots=range(a.every, a.iterations, a.every), **kw)
             snaps = model.last_fit["snapshots"]
             curve = ", ".join(f"{k}: {nrmse(v, s['chi'], s['mask']):.1f}" for k, v in sorted(snaps.items()))
-            row(s["name"], f"uQSM-DIP, support {support}", chi, s, ", ".join(curve), time.perf_counter() - t0)
+            row(s["name"], f"uQSM-DIP, support {support}", chi, s, curve, time.perf_counter() - t0)
+            if a.save:
+                a.save.mkdir(parents=True, exist_ok=True)
+                np.save(a.save / f"{s['name']}_dip_{support}.npy", chi.astype(np.float32))
     text = "\n".join(lines)
     print("\n" + text)
     a.out.parent.mkdir(parents=True, exist_ok=True)
