@@ -250,7 +250,7 @@ def estimate_noise_std(field: np.ndarray, mask: np.ndarray) -> float:
 #: (These are 80^3 / 128 x 128 x 40 cases; on the 160^3 whole heads the noise estimate over-reads, see
 #: :func:`estimate_noise_std`, and the misfit curve is flat: from TV's auto weight down to 1/8 of it the
 #: weighted misfit falls only from 1.93 to 1.68 x the true noise on head 5 (1.82 to 1.56 on head 6) while the
-#: NRMSE goes 48.5 -> 44.0 (best, at 1/4-1/3: misfit 1.71-1.74 x) -> 45.2; a target 13 % high is 4 x in weight.
+#: NRMSE goes 49.3 -> 44.0 (best, at 1/4-1/3: misfit 1.71-1.74 x) -> 45.2; a target 13 % high is 4 x in weight.
 #: benchmarks/auto_whole_heads.py --misfit.) Only the geometric mean keeps every method within 10 % of its oracle in both geometries (0.3 left NDI
 #: 7.1 % off against COSMOS at 1 mm, 0.7 left TV 11.9 % off at 0.5 x 0.5 x 2 mm). On the 3 mm end-to-end
 #: pipeline case (tests/test_end_to_end.py: unwrapping cycle slips at the air/bone edges) the target with
