@@ -99,7 +99,7 @@ def test_checking_the_splits_leaves_the_datamodule_to_the_trainer(manifest: Path
     from qsmlab.errors import QSMInputError
     from qsmlab.lab.run import RunOptions, prepare
 
-    cfg = load_experiment("qsmnet", "quick", overrides={"data.manifest": str(manifest),
+    cfg = load_experiment("qsmnet", "quick", overrides={"data.manifest": str(manifest), "data.patch_size": 32,
                                                         "data.train_subjects": [TRAIN], "data.val_subjects": [VAL]})
     cli = prepare(RunOptions("fit", cfg, tmp_path / "run"))
     assert cli.datamodule.table is None and cli.datamodule.rows == {}  # not set up yet
@@ -107,3 +107,8 @@ def test_checking_the_splits_leaves_the_datamodule_to_the_trainer(manifest: Path
     cfg["data"]["val_subjects"] = ["nobody"]
     with pytest.raises(QSMInputError, match="val_subjects.*nobody"):
         prepare(RunOptions("fit", cfg, tmp_path / "run"))
+    # a patch larger than a training volume also fails here, before the run folder exists
+    cfg["data"].update(val_subjects=[VAL], patch_size=[112, 112, 104])
+    with pytest.raises(QSMInputError, match="exceeds the grid"):
+        prepare(RunOptions("fit", cfg, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
