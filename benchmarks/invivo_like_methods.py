@@ -72,14 +72,19 @@ def subject(seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) -> dict:
             "noise_ppm": float(np.std((total - s.total_field)[m]))}
 
 
+def realistic_cache(seed: int, voxel, shape, tilt: float, suffix: str = "") -> Path:
+    """The cache file of the realistic head ``seed`` on this grid (``suffix`` "_cosmos": its COSMOS map)."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps([seed, list(voxel), list(shape), float(tilt), "realistic", 1]).encode()).hexdigest()[:12]
+    return CACHE / f"real{seed}_{key}{suffix}.npz"
+
+
 def realistic(seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) -> dict:
     """The realistic column's subject: :func:`qsmlab.data.realistic.realistic_subject` (white-matter anisotropy,
     sub-voxel veins, fine-grid acquisition, noisy echoes -> echo fit -> V-SHARP): the local field a method
     gets is what the pipeline made of the scan, scored in V-SHARP's valid mask against the scalar truth."""
-    import hashlib
-
-    key = hashlib.sha1(json.dumps([seed, list(voxel), list(shape), float(tilt), "realistic", 1]).encode()).hexdigest()[:12]
-    path = CACHE / f"real{seed}_{key}.npz"
+    path = realistic_cache(seed, voxel, shape, tilt)
     if path.is_file():  # the 160^3 head costs minutes and ~8 GB (a 320^3 fine grid): cached
         d = load_npz(path)
         return {**d, "name": str(d["name"]), "vs": tuple(float(v) for v in d["vs"]),
@@ -101,10 +106,7 @@ def add_cosmos(s: dict, seed: int, voxel=VOXEL, shape=SHAPE, tilt: float = 0.0) 
     every orientation and of the scan): :func:`qsmlab.data.realistic.realistic_subject` with ``cosmos=True``
     (the scan itself and 3 more head orientations, each its own noise and pipeline, least squares over them),
     as a real scan is scored. Cached beside the head (~10 min and ~8 GB for a 160^3 head)."""
-    import hashlib
-
-    key = hashlib.sha1(json.dumps([seed, list(voxel), list(shape), float(tilt), "realistic", 1]).encode()).hexdigest()[:12]
-    path = CACHE / f"real{seed}_{key}_cosmos.npz"
+    path = realistic_cache(seed, voxel, shape, tilt, "_cosmos")
     if path.is_file():
         d = load_npz(path)
     else:
