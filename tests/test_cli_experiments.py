@@ -112,3 +112,34 @@ def test_checking_the_splits_leaves_the_datamodule_to_the_trainer(manifest: Path
     with pytest.raises(QSMInputError, match="exceeds the grid"):
         prepare(RunOptions("fit", cfg, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_supervised_fit_without_chi_rows_fails_before_the_run_folder(manifest: Path, tmp_path):
+    """QSMnet (supervised) on a manifest whose rows carry no chi (in-vivo scans): one line from
+    QSMDataModule.check_fit, before the run folder exists; uQSM (self-supervised) trains on the same rows."""
+    import csv
+
+    from qsmlab.errors import QSMInputError
+    from qsmlab.lab.run import RunOptions, prepare
+
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:  # absolute paths, and no chi: what qsmlab bids writes for in-vivo scans
+        for col in ("field", "total_field", "mask", "magnitude", "phase", "seg"):
+            if r.get(col):
+                r[col] = str((manifest.parent / r[col]).resolve())
+        r["chi"], r["source"] = "", "invivo"
+    invivo = tmp_path / "invivo.csv"
+    with open(invivo, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    over = {"data.manifest": str(invivo), "data.patch_size": 16, "data.train_subjects": [TRAIN],
+            "data.val_subjects": [VAL]}
+    with pytest.raises(QSMInputError, match="supervised \\(needs chi\\) and no training row has chi"):
+        prepare(RunOptions("fit", load_experiment("qsmnet", "quick", overrides=over), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    cli = prepare(RunOptions("fit", load_experiment("uqsm_tv", "quick", overrides=over), tmp_path / "run"))
+    probe = cli.datamodule
+    probe.setup("fit")
+    assert [r.subject for r in probe.training_rows(cli.model)] == [TRAIN]

@@ -143,15 +143,29 @@ class QSMDataModule(L.LightningDataModule):
             "test": [r for r in self.table.select(test or []) if not r.synthetic],
             "predict": self.table.select(test) if test else list(self.table.rows),
         }
-        # A supervised method (its ``requires`` names chi) trains only on rows with chi: the in-vivo rows
-        # of a hybrid manifest (qsmlab bids, qsmlab manifest merge) carry none; uQSM trains on all rows.
+        # A supervised method drops the training rows without chi (see training_rows)
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if "chi" in tuple(getattr(model, "requires", ()) or ()):
-            dropped = [r.key for r in self.rows["train"] if r.chi is None]
-            self.rows["train"] = [r for r in self.rows["train"] if r.chi is not None]
-            if dropped and not self.rows["train"]:
-                raise QSMInputError(f"{self.manifest}: the method is supervised (needs chi) and no training row "
-                                    f"has chi ({len(dropped)} without, e.g. {dropped[0]})")
+        self.rows["train"] = self.training_rows(model)
+
+    def training_rows(self, model=None) -> list[Row]:
+        """The training rows ``model`` trains on (after :meth:`setup`): a supervised method (its ``requires``
+        names chi) trains only on rows with chi, since the in-vivo rows of a hybrid manifest (qsmlab bids,
+        qsmlab manifest merge) carry none; uQSM trains on all rows. A one-line QSMInputError when a supervised
+        method has rows but none with chi."""
+        rows = self.rows.get("train", [])
+        if "chi" not in tuple(getattr(model, "requires", ()) or ()):
+            return rows
+        kept = [r for r in rows if r.chi is not None]
+        if rows and not kept:
+            raise QSMInputError(f"{self.manifest}: the method is supervised (needs chi) and no training row "
+                                f"has chi ({len(rows)} without, e.g. {rows[0].key})")
+        return kept
+
+    def check_fit(self, model=None) -> None:
+        """Every check of the training split that needs no trainer, for ``model`` (after :meth:`setup`):
+        its rows (:meth:`training_rows`) and the patch size against each training volume. ``qsmlab fit``
+        runs it before the run folder exists."""
+        self._check_patch_fits(self.training_rows(model))
 
     # -- loaders --------------------------------------------------------------------------------------
     def _patch_sampler(self) -> tio.data.PatchSampler:

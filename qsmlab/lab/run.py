@@ -249,12 +249,10 @@ def prepare(opts: RunOptions, loggers: Sequence = (), callbacks: Sequence = ()) 
             probe = copy.copy(cli.datamodule)
             try:
                 probe.setup("fit" if opts.subcommand == "fit" else opts.subcommand)
-                if opts.subcommand == "fit" and hasattr(probe, "_check_patch_fits"):
-                    # a patch larger than a training volume fails here, before the run folder exists
-                    rows = probe.rows.get("train", [])
-                    if "chi" in tuple(getattr(cli.model, "requires", ()) or ()):
-                        rows = [r for r in rows if r.chi is not None] or rows
-                    probe._check_patch_fits(rows)
+                if opts.subcommand == "fit" and hasattr(probe, "check_fit"):
+                    # the rows the model trains on and a patch larger than a training volume fail here,
+                    # before the run folder exists
+                    probe.check_fit(cli.model)
             except QSMInputError as e:
                 raise config_error(e, flatten(opts.config), opts.given, section="data") from None
     return cli
