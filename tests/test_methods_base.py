@@ -390,3 +390,23 @@ def test_predict_volume_settings_are_per_call_so_one_cached_model_serves_concurr
             for r, job in jobs:
                 np.testing.assert_array_equal(job.result(), alone[r])
     assert m.options.voxel_resampling == "auto" and m.hparams["voxel_resampling"] == "auto" and not m.training
+
+
+@pytest.mark.parametrize("kind", ["cosine", "none"])
+def test_warmup_ramps_the_learning_rate_then_hands_over_to_the_scheduler(kind):
+    m = UQSM(width=4, depth=2, lr=1e-3, scheduler=kind, scheduler_step_size=12, warmup_steps=4)
+    out = m.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs[:5], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-6)  # linear from lr / 4
+    if kind == "cosine":  # then a cosine over the 8 steps left: half-way at step 4 + 4, near 0 at the end
+        np.testing.assert_allclose(lrs[8], 5e-4, rtol=1e-6)
+        assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05e-3
+    else:
+        assert lrs[4:] == [1e-3] * 8
+    with pytest.raises(Exception, match="model.warmup_steps"):
+        UQSM(width=4, depth=2, warmup_steps=-1)

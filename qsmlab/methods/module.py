@@ -177,15 +177,23 @@ class MethodModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.options
         opt = torch.optim.AdamW(self.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
-        if o.scheduler == "none":
+        warm = int(o.warmup_steps)
+        if o.scheduler == "none" and not warm:
             return opt
-        if o.scheduler == "cosine":
+        if o.scheduler == "none":
+            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        elif o.scheduler == "cosine":
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
             total = int(total) if math.isfinite(total) and total > 0 else int(o.scheduler_step_size)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=float(o.min_lr))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warm),
+                                                               eta_min=float(o.min_lr))
         elif o.scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(o.scheduler_step_size),
                                                     gamma=float(o.scheduler_gamma))
         else:
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=float(o.scheduler_gamma))
+        if warm:
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0,
+                                                     total_iters=max(1, warm - 1))
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, sched], milestones=[warm])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
