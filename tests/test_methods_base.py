@@ -408,5 +408,8 @@ def test_warmup_ramps_the_learning_rate_then_hands_over_to_the_scheduler(kind):
         assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05e-3
     else:
         assert lrs[4:] == [1e-3] * 8
-    with pytest.raises(Exception, match="model.warmup_steps"):
-        UQSM(width=4, depth=2, warmup_steps=-1)
+    from qsmlab.errors import QSMInputError
+
+    for bad in (-1, 2.5, True):
+        with pytest.raises(QSMInputError, match="model.warmup_steps"):
+            UQSM(width=4, depth=2, warmup_steps=bad)

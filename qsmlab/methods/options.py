@@ -68,13 +68,14 @@ class MethodOptions:
         lr: AdamW learning rate. weight_decay: AdamW weight decay.
         scheduler: ``"cosine"``, ``"step"``, ``"exponential"`` or ``"none"``; ``scheduler_step_size``
             (optimiser steps) and ``scheduler_gamma`` for ``"step"``/``"exponential"``; ``min_lr`` for cosine.
-        warmup_steps: optimiser steps of linear learning-rate warm-up (``lr * k / warmup_steps`` at step k = 1 .. warmup_steps)
-            before the scheduler (whose cosine then spans the remaining steps); 0 = none. Why: Adam's first
-            steps move every weight by about ``lr`` whatever its gradient, and a network started at its prior
-            (``prior: tkd``, output layer at zero) is thrown far from it: the uqsm_tv cpu profile at lr 3e-3
-            was at 73.9 % NRMSE after 25 steps from TKD's 56.9 % on its own training head; with 50 warm-up
-            steps 56.6 % (but 65.8 / 60.2 % at steps 50 / 75, once the rate had risen: warm-up does not make
-            that network beat TKD; ``benchmarks/results/cpu_profiles/README.md``).
+        warmup_steps: optimiser steps of linear learning-rate warm-up (``lr * k / warmup_steps`` at step
+            k = 1 .. warmup_steps) before the scheduler (whose cosine then spans the remaining steps); 0 = none
+            (the default). Why it exists: Adam's first steps move every weight by about ``lr`` whatever its
+            gradient, and a network started at its prior (``prior: tkd``, output layer at zero) is thrown far
+            from it: the uqsm_tv cpu profile at lr 3e-3 was at 73.9 % NRMSE after 25 steps from TKD's 56.9 % on
+            its own training head; with 50 warm-up steps 56.6 % (but 65.8 / 60.2 % at steps 50 / 75, once the
+            rate had risen: warm-up does not make that network beat TKD;
+            ``benchmarks/results/cpu_profiles/README.md``).
         field_scale: ppm; None computes it from the training data at the start of fitting.
         pad_factor: zero-padding factor of the dipole operator in the losses (2 = linear convolution).
         pad_mode: ``"constant"`` (zeros) or ``"replicate"`` padding of inputs to the size multiple.
@@ -141,8 +142,9 @@ class MethodOptions:
         if not (lr > 0 and wd >= 0 and min_lr >= 0 and step >= 1 and gamma > 0):
             raise QSMInputError(f"model: lr ({lr}) > 0, weight_decay ({wd}) >= 0, min_lr ({min_lr}) >= 0, "
                                 f"scheduler_step_size ({step}) >= 1 and scheduler_gamma ({gamma}) > 0 are required")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            raise QSMInputError(f"model.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        warm = self.warmup_steps
+        if isinstance(warm, bool) or not (isinstance(warm, int) and warm >= 0):
+            raise QSMInputError(f"model.warmup_steps: expected an integer >= 0, got {warm!r}")
         if int(self.patch_margin) < 0:
             raise QSMInputError(f"model.patch_margin: expected an integer >= 0, got {self.patch_margin!r}")
         _one_of("prior", self.prior, PRIORS)
