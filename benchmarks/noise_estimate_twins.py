@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from qsmlab.data.realistic.subject import realistic_subject
+from qsmlab.methods.statistics import robust_std
 from qsmlab.recon.inversion.auto import estimate_noise_std
 
 
@@ -52,7 +53,7 @@ def main() -> None:
         n = f - c
         s = m & np.roll(m, 1, 0)
         corr = np.corrcoef(n[s], np.roll(n, 1, 0)[s])[0, 1]
-        mad = 1.4826 * np.median(np.abs(n[m] - np.median(n[m])))
+        mad = robust_std(n[m])
         ppb = lambda v: f"{1e3 * v:.2f}"  # noqa: E731
         lines.append(f"| {seed} | {ppb(n[m].std())} ({ppb(mad)}) | {corr:.3f} | {ppb(noisy.noise_std_ppm)} | "
                      f"{ppb(estimate_noise_std(f, m))} / {ppb(estimate_noise_std(n, m))} / {ppb(estimate_noise_std(c, m))} | "

@@ -119,13 +119,14 @@ def test_a_supervised_fit_without_chi_rows_fails_before_the_run_folder(manifest:
     QSMDataModule.check_fit, before the run folder exists; uQSM (self-supervised) trains on the same rows."""
     import csv
 
+    from qsmlab.data.manifest import IMAGE_COLUMNS
     from qsmlab.errors import QSMInputError
     from qsmlab.lab.run import RunOptions, prepare
 
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:  # absolute paths, and no chi: what qsmlab bids writes for in-vivo scans
-        for col in ("field", "total_field", "mask", "magnitude", "phase", "seg"):
+        for col in IMAGE_COLUMNS:
             if r.get(col):
                 r[col] = str((manifest.parent / r[col]).resolve())
         r["chi"], r["source"] = "", "invivo"

@@ -178,10 +178,8 @@ class MethodModule(L.LightningModule):
         o = self.options
         opt = torch.optim.AdamW(self.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
         warm = int(o.warmup_steps)
-        if o.scheduler == "none" and not warm:
-            return opt
         if o.scheduler == "none":
-            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+            sched = None
         elif o.scheduler == "cosine":
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
             total = int(total) if math.isfinite(total) and total > 0 else int(o.scheduler_step_size)
@@ -192,8 +190,11 @@ class MethodModule(L.LightningModule):
                                                     gamma=float(o.scheduler_gamma))
         else:
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=float(o.scheduler_gamma))
-        if warm:
+        if warm:  # the ramp holds lr once it ends, so alone it is warm-up then a constant rate
             ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0,
                                                      total_iters=max(1, warm - 1))
-            sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, sched], milestones=[warm])
+            sched = ramp if sched is None else torch.optim.lr_scheduler.SequentialLR(opt, [ramp, sched],
+                                                                                     milestones=[warm])
+        if sched is None:
+            return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
