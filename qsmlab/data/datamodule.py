@@ -30,7 +30,12 @@ from torch.utils.data import DataLoader
 from qsmlab.data.collate import collate_subjects
 from qsmlab.data.folds import get_fold, read_folds
 from qsmlab.data.manifest import ManifestTable, Row, load_manifest
-from qsmlab.data.sampling import SubjectShardSampler, destroy_process_group_at_exit, reseed_for_rank, world_and_rank
+from qsmlab.data.sampling import (
+    SubjectShardSampler,
+    destroy_process_group_at_exit,
+    reseed_for_rank,
+    world_and_rank,
+)
 from qsmlab.data.subjects import subjects_from_rows
 from qsmlab.data.transforms import build_augmentation
 from qsmlab.errors import QSMInputError
