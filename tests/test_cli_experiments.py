@@ -10,6 +10,8 @@ network's widths (a class not listed below runs with its quick profile's sizes).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import numpy as np
 import pytest
 from _methods import run_cli
 
+from qsmlab.data.datamodule import QSMDataModule
 from qsmlab.data.recipe import ensure_dataset
-from qsmlab.lab.config import EXPERIMENTS_DIR, get_dotted, load_experiment
+from qsmlab.lab.config import EXPERIMENTS_DIR, get_dotted, load_experiment, profiles_of
 
 # the recipe of tests/test_methods_pedqnet.py and test_methods_nextqsm.py (same hash: one cached copy);
 # anatomical phantoms carry the segmentation PedQ-NET trains on
@@ -144,3 +147,35 @@ def test_a_supervised_fit_without_chi_rows_fails_before_the_run_folder(manifest:
     probe = cli.datamodule
     probe.setup("fit")
     assert [r.subject for r in probe.training_rows(cli.model)] == [TRAIN]
+
+
+PROFILES = [(p, prof) for p in EXPERIMENTS for prof in profiles_of(p)]
+
+
+@pytest.mark.parametrize("path,profile", PROFILES, ids=[f"{p.stem}-{prof}" for p, prof in PROFILES])
+def test_every_profile_builds_its_model_and_names_known_data_keys(path: Path, profile: str):
+    """Only the quick profile runs above; every other profile (cpu, cpu_cosmos, *_truth, full) must at least
+    build its model from its init_args (a misspelt key is a TypeError naming it), name only QSMDataModule
+    arguments under data:, and point at a recipe or manifest that exists (relative to the repository root,
+    where `qsmlab fit` runs)."""
+    cfg = load_experiment(path, profile)
+    module, name = str(get_dotted(cfg, "model.class_path")).rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    model = cls(**cfg["model"].get("init_args", {}))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    unknown = set(cfg.get("data", {})) - set(inspect.signature(QSMDataModule.__init__).parameters)
+    assert not unknown, f"{path.stem} --profile {profile}: data keys {sorted(unknown)}"
+    manifest = str(cfg["data"]["manifest"])
+    if manifest != "default":
+        assert (EXPERIMENTS_DIR.parent / manifest.removeprefix("recipe:")).is_file(), manifest
+
+
+def test_a_misspelt_profile_key_fails_the_profile_check(tmp_path):
+    """The check above can fail: a profile naming an init_arg no class accepts does not build."""
+    exp = tmp_path / "typo.yaml"
+    exp.write_text(f"base: [{EXPERIMENTS_DIR / 'uqsm_tv.yaml'}]\nprofiles:\n  cpu:\n    model:\n      init_args:\n"
+                   "        patch_feilds: simulate\n")
+    cfg = load_experiment(exp, "cpu")
+    module, name = str(get_dotted(cfg, "model.class_path")).rsplit(".", 1)
+    with pytest.raises(TypeError, match="patch_feilds"):
+        getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"])
