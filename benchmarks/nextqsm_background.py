@@ -32,11 +32,8 @@ import compare_methods as cm  # noqa: E402
 from qsmlab.data.manifest import load_manifest  # noqa: E402
 from qsmlab.data.recipe import ensure_dataset  # noqa: E402
 from qsmlab.methods.background_inputs import vsharp_estimate  # noqa: E402
-from qsmlab.methods.predict import predict_volume  # noqa: E402
-
-
-def nrmse(x: np.ndarray, ref: np.ndarray, m: np.ndarray) -> float:
-    return float(100 * np.linalg.norm((x - ref)[m]) / np.linalg.norm(ref[m]))
+from qsmlab.methods.predict import method_from, predict_volume  # noqa: E402
+from qsmlab.metrics.nrmse import nrmse  # noqa: E402
 
 
 def main() -> None:
@@ -51,6 +48,7 @@ def main() -> None:
         ap.error(f"--ckpt: no file {a.ckpt}")
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
+    model = method_from(str(a.ckpt), "nextqsm")
     rows = load_manifest(ensure_dataset(cm.test_recipe(a.test_seed, a.subjects))).rows
     out = ["| subject | local field: vsharp / bg net (mask) | same, eroded mask | chi: total route | "
            "chi: true local | chi: varnet on bg net's field |", "|---|---|---|---|---|---|"]
@@ -60,11 +58,11 @@ def main() -> None:
         inner = ndimage.binary_erosion(m, iterations=a.erode)
         vsh = vsharp_estimate(torch.from_numpy(tot)[None, None], torch.from_numpy(m.astype(np.float32))[None, None],
                               vs).numpy()[0, 0]
-        kw = dict(magnitude=s["magnitude"], method="nextqsm")
-        bg = predict_volume(str(a.ckpt), loc, m, vs, b0, total_field=tot, output="local_field", **kw)
-        chi_total = predict_volume(str(a.ckpt), loc, m, vs, b0, total_field=tot, **kw)
-        chi_local = predict_volume(str(a.ckpt), loc, m, vs, b0, **kw)
-        chi_bg = predict_volume(str(a.ckpt), bg * m, m, vs, b0, **kw)
+        kw = dict(magnitude=s["magnitude"])
+        bg = predict_volume(model, loc, m, vs, b0, total_field=tot, output="local_field", **kw)
+        chi_total = predict_volume(model, loc, m, vs, b0, total_field=tot, **kw)
+        chi_local = predict_volume(model, loc, m, vs, b0, **kw)
+        chi_bg = predict_volume(model, bg * m, m, vs, b0, **kw)
         out.append(f"| {s['name']} | {nrmse(vsh, loc, m):.1f} / {nrmse(bg, loc, m):.1f} | "
                    f"{nrmse(vsh, loc, inner):.1f} / {nrmse(bg, loc, inner):.1f} | {nrmse(chi_total, s['chi'], m):.1f} | "
                    f"{nrmse(chi_local, s['chi'], m):.1f} | {nrmse(chi_bg, s['chi'], m):.1f} |")
