@@ -10,7 +10,6 @@ network's widths (a class not listed below runs with its quick profile's sizes).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ from _methods import run_cli
 from qsmlab.data.datamodule import QSMDataModule
 from qsmlab.data.recipe import ensure_dataset
 from qsmlab.lab.config import EXPERIMENTS_DIR, get_dotted, load_experiment, profiles_of
+from qsmlab.methods.registry import _import
 
 # the recipe of tests/test_methods_pedqnet.py and test_methods_nextqsm.py (same hash: one cached copy);
 # anatomical phantoms carry the segmentation PedQ-NET trains on
@@ -152,6 +152,11 @@ def test_a_supervised_fit_without_chi_rows_fails_before_the_run_folder(manifest:
 PROFILES = [(p, prof) for p in EXPERIMENTS for prof in profiles_of(p)]
 
 
+def _build_model(cfg: dict):
+    """The config's model, built as the CLI would from its class_path and init_args (no data, no trainer)."""
+    return _import(str(get_dotted(cfg, "model.class_path")))(**cfg["model"].get("init_args", {}))
+
+
 @pytest.mark.parametrize("path,profile", PROFILES, ids=[f"{p.stem}-{prof}" for p, prof in PROFILES])
 def test_every_profile_builds_its_model_and_names_known_data_keys(path: Path, profile: str):
     """Only the quick profile runs above; every other profile (cpu, cpu_cosmos, *_truth, full) must at least
@@ -159,9 +164,7 @@ def test_every_profile_builds_its_model_and_names_known_data_keys(path: Path, pr
     arguments under data:, and point at a recipe or manifest that exists (relative to the repository root,
     where `qsmlab fit` runs)."""
     cfg = load_experiment(path, profile)
-    module, name = str(get_dotted(cfg, "model.class_path")).rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    model = cls(**cfg["model"].get("init_args", {}))
+    model = _build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
     unknown = set(cfg.get("data", {})) - set(inspect.signature(QSMDataModule.__init__).parameters)
     assert not unknown, f"{path.stem} --profile {profile}: data keys {sorted(unknown)}"
@@ -175,7 +178,5 @@ def test_a_misspelt_profile_key_fails_the_profile_check(tmp_path):
     exp = tmp_path / "typo.yaml"
     exp.write_text(f"base: [{EXPERIMENTS_DIR / 'uqsm_tv.yaml'}]\nprofiles:\n  cpu:\n    model:\n      init_args:\n"
                    "        patch_feilds: simulate\n")
-    cfg = load_experiment(exp, "cpu")
-    module, name = str(get_dotted(cfg, "model.class_path")).rsplit(".", 1)
     with pytest.raises(TypeError, match="patch_feilds"):
-        getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"])
+        _build_model(load_experiment(exp, "cpu"))
