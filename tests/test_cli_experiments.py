@@ -17,11 +17,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from _methods import run_cli
 
 from qsmlab.data.datamodule import QSMDataModule
 from qsmlab.data.recipe import ensure_dataset
-from qsmlab.lab.config import EXPERIMENTS_DIR, get_dotted, load_experiment, profiles_of
+from qsmlab.lab.config import EXPERIMENTS_DIR, flatten, get_dotted, load_experiment, load_layers, profiles_of
 from qsmlab.methods.registry import _import
 
 # the recipe of tests/test_methods_pedqnet.py and test_methods_nextqsm.py (same hash: one cached copy);
@@ -180,3 +181,36 @@ def test_a_misspelt_profile_key_fails_the_profile_check(tmp_path):
                    "        patch_feilds: simulate\n")
     with pytest.raises(TypeError, match="patch_feilds"):
         _build_model(load_experiment(exp, "cpu"))
+
+
+def _keys_left_to_the_parent(path: Path) -> dict[str, list[str]]:
+    """Profile -> config keys an experiment built on another experiment (``base: [uqsm_tv.yaml]``) overrides
+    in some of its own profiles but leaves to the parent in this one, where the parent's profile sets them.
+    Such a profile silently runs the parent's value: uqsm (NDI, no TV) inheriting uqsm_tv's cpu_cosmos ran
+    with TV 2.6e-3 until its own cpu_cosmos set it back to 0."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    bases = [path.parent / b for b in raw.get("base") or [] if not str(b).startswith("base/")]
+    if not bases:
+        return {}
+    own = {name: set(flatten(p)) for name, p in (raw.get("profiles") or {}).items()}
+    overridden = set().union(*own.values()) if own else set()
+    left = {}
+    for name, prof in load_layers(bases)[1].items():
+        missing = sorted((overridden & set(flatten(prof))) - own.get(name, set()))
+        if missing:
+            left[name] = missing
+    return left
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_an_experiment_overrides_its_keys_in_every_profile_it_inherits(path: Path):
+    assert not _keys_left_to_the_parent(path), f"{path.stem}: {_keys_left_to_the_parent(path)}"
+
+
+def test_a_profile_left_to_the_parent_fails_the_inheritance_check(tmp_path):
+    """The check above can fail: NDI overriding the TV weight in quick and cpu, not in uqsm_tv's cpu_cosmos."""
+    exp = tmp_path / "ndi.yaml"
+    exp.write_text(f"base: [{EXPERIMENTS_DIR / 'uqsm_tv.yaml'}]\nprofiles:\n"
+                   "  quick: {model: {init_args: {loss: {lambda_tv: 0.0}}}}\n"
+                   "  cpu: {model: {init_args: {loss: {lambda_tv: 0.0}}}}\n")
+    assert _keys_left_to_the_parent(exp) == {"cpu_cosmos": ["model.loss.lambda_tv"]}
