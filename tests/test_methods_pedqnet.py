@@ -212,3 +212,34 @@ def test_pedqnet_prior_tkd_trains_the_recon_net_through_the_zero_head():
     loss = m.training_step(_batch(), 0)
     loss.backward()
     assert float(m.net.head.weight.grad.abs().sum()) > 0
+
+
+def test_pedqnet_free_support_frees_only_the_loss():
+    """``loss.support: free``: the same weights give the same prediction (masked) and the same segmentation
+    (the UNETR sees the masked chi), while the training loss sees the recon output outside the mask too."""
+    batch = _batch()
+    batch = QSMBatch(**{**{k: getattr(batch, k) for k in batch.keys()}, "mask": torch.zeros_like(batch.mask)})
+    batch.mask[:, :, 3:13, 3:13, 3:13] = 1.0
+    models = {}
+    for support in ("mask", "free"):
+        torch.manual_seed(0)
+        m = PedQNet(**TINY_PED, loss={"support": support, "lambda_tv": 1e-3})
+        m.set_statistics(0.01, [0, 0, 1], [2, 2, 2])
+        models[support] = m
+    models["free"].load_state_dict(models["mask"].state_dict())
+    images = {"field": batch.field, "mask": batch.mask}
+    geometry = (batch.voxel_size, batch.b0_dir)
+    with torch.no_grad():
+        outs = {s: m.eval().infer_images(images, geometry, outputs=("chi", "seg_logits"), windows=False)
+                for s, m in models.items()}
+        torch.testing.assert_close(models["free"].mask_outputs(outs["free"], batch.mask)["chi"],
+                                   models["mask"].mask_outputs(outs["mask"], batch.mask)["chi"])
+        torch.testing.assert_close(outs["free"]["seg_logits"], outs["mask"]["seg_logits"])
+        outside = (batch.mask < 0.5).expand_as(outs["free"]["chi"])
+        assert float(outs["free"]["chi"][outside].abs().max()) > 0
+        assert float(outs["mask"]["chi"][outside].abs().max()) == 0
+        seen = {s: m.training_outputs(outs[s], batch.mask)["chi"] for s, m in models.items()}
+    assert float(seen["free"][outside].abs().max()) > 0 and float(seen["mask"][outside].abs().max()) == 0
+    assert models["free"].loss_fn.terms["tv"].support == "grid"
+    with pytest.raises(QSMInputError, match="model.loss.support"):
+        PedQNet(**TINY_PED, loss={"support": "everywhere"})

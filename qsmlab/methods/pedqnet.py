@@ -88,6 +88,12 @@ class PedQNetLoss:
         lambda_tv: optional TV weight (ppm/mm), 0 = off (the abstract's loss has none).
         dc_weighted: multiply the residual by ``W`` (magnitude in [0, 1]); False = unweighted.
         phase_scale: rad/ppm overriding the batches' ``phase_scale``.
+        support: ``"mask"`` (the paper: the recon net's chi is masked before the loss) or ``"free"``: the
+            data term sees the recon's whole output, so chi outside the mask (masked at inference, and in
+            what the UNETR segments) may explain the part of the masked field no chi inside it can
+            (background-removal residue, sources at the mask's edge); TV, if on, then counts every
+            difference of the patch. uQSM's :class:`qsmlab.methods.uqsm.UQSMLoss` has the same switch and
+            says why it matters on realistic fields.
     """
 
     lambda_dc: float = 1.0
@@ -95,6 +101,7 @@ class PedQNetLoss:
     lambda_tv: float = 0.0
     dc_weighted: bool = True
     phase_scale: float | None = None
+    support: str = "mask"
 
 
 def build_pedqnet_loss(cfg: PedQNetLoss) -> CompositeLoss:
@@ -104,11 +111,13 @@ def build_pedqnet_loss(cfg: PedQNetLoss) -> CompositeLoss:
             raise QSMInputError(f"model.loss.{k}: expected a number >= 0, got {v!r}")
     if cfg.phase_scale is not None and not (math.isfinite(cfg.phase_scale) and cfg.phase_scale > 0):
         raise QSMInputError(f"model.loss.phase_scale: expected a positive number of rad/ppm, got {cfg.phase_scale!r}")
+    if cfg.support not in ("mask", "free"):
+        raise QSMInputError(f"model.loss.support: expected 'mask' or 'free', got {cfg.support!r}")
     return CompositeLoss({
         "dc": (DataConsistencyLoss(kind="nonlinear", norm="l1", phase_scale=cfg.phase_scale,
                                    weighted=bool(cfg.dc_weighted)), cfg.lambda_dc),
         "seg": (DiceCELoss(output="seg_logits", target="seg"), cfg.lambda_seg),
-        "tv": (TVLoss(), cfg.lambda_tv),
+        "tv": (TVLoss(support="grid" if cfg.support == "free" else "mask"), cfg.lambda_tv),
     })
 
 
@@ -161,6 +170,9 @@ class PedQNet(QSMMethod):
             self.seg_net.to(memory_format=torch.channels_last_3d)
         self.save_method_hyperparameters(locals())
 
+    def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return out if self.loss_config.support == "free" else super().training_outputs(out, mask)
+
     @property
     def inference_outputs(self) -> tuple[str, ...] | None:
         return None if self.segment_at_inference else ("chi",)
@@ -207,13 +219,17 @@ class PedQNet(QSMMethod):
         is the network's part only, because the base adds the prior to the primary output once, after the
         network (:meth:`QSMMethod.outputs_to_chi`). The UNETR runs in training and when ``ctx`` wants
         ``seg_logits`` (evaluation; prediction with ``segment_at_inference``). So the prior enters chi exactly once, and the segmentation
-        loss back-propagates through the same chi the data-consistency loss sees.
+        loss back-propagates through the same chi the data-consistency loss sees. With ``loss.support: free``
+        ``"chi"`` is not masked here (the data term sees it whole; inference masks it) and the UNETR segments
+        its masked part, as a prediction returns it.
         """
         x = self.memory_format(x)
-        chi = self.net(x) * (x[:, 1:2] > 0.5)
-        out = {"chi": chi}
+        inside = (x[:, 1:2] > 0.5).to(x.dtype)
+        chi = self.net(x)
+        masked = chi * inside
+        out = {"chi": chi if self.loss_config.support == "free" else masked}
         if self.training or ctx.wants("seg_logits"):
-            full = chi + x[:, -1:] if self.prior_channels else chi
+            full = masked + x[:, -1:] if self.prior_channels else masked
             out["seg_logits"] = self.segment(full)
         return out
 
