@@ -162,3 +162,25 @@ def test_dip_lightning_path_stops_after_its_iterations(tiny_manifest, tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=10, val_every=10, logger=False)
     trainer.fit(m, dm)
     assert trainer.global_step == 3 and m.last_fit["stopped_by"] == "iterations"
+
+
+def test_dip_with_a_tkd_prior_starts_every_fit_at_tkd(tiny_manifest):
+    """``prior="tkd"`` (``qsmlab dip --prior tkd``): each fit re-initialises the network with its output layer
+    at zero, so the first map is TKD of the field (masked), and the fit moves it from there."""
+    from qsmlab.physics import DipoleOperator
+
+    r, v = _volume(tiny_manifest, VAL_SUBJECT)
+    mask = v["mask"] > 0.5
+    kw = dict(voxel_size=r.voxel_size, b0_dir=r.b0_dir, magnitude=v["magnitude"])
+    dip = UQSMDIP(width=4, depth=2, iterations=1, lr=1e-9, prior="tkd", loss={"dc": "weighted"})
+    assert dip.net.in_channels == 3
+    for _ in range(2):  # a second fit starts at TKD again (reset_network re-zeroes the head)
+        chi = dip.fit_volume(v["field"], mask, **kw)
+        assert float(dip.net.head.weight.detach().abs().max()) < 1e-6
+    op = DipoleOperator(r.voxel_size, r.b0_dir, pad_factor=2.0)
+    tkd = op.A_dagger(torch.from_numpy(v["field"] * mask).double(), 0.19).numpy() * mask
+    np.testing.assert_allclose(chi, tkd, atol=1e-4 * np.abs(tkd).max())
+    moved = UQSMDIP(width=4, depth=2, iterations=5, lr=1e-2, prior="tkd", loss={"dc": "weighted"})
+    assert np.abs(moved.fit_volume(v["field"], mask, **kw) - tkd)[mask].max() > 1e-3 * np.abs(tkd).max()
+    dip.reset_network()
+    assert float(dip.net.head.weight.detach().abs().max()) == 0.0

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=16, help="network width (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--prior", default="none", choices=("none", "tkd"),
+                   help="none (the paper: the fit starts from the random network's output) or tkd (TKD of the field "
+                        "is an input and is added to the output, whose layer starts at zero: the fit starts at TKD)")
     p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="B0 direction in voxel axes (overrides sidecar/affine)")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
@@ -121,14 +124,14 @@ def run(args) -> int:
         raise QSMInputError(f"--lambda-tv {lam}: expected a number >= 0")
     model = UQSMDIP(depth=args.depth, width=args.width, loss=UQSMLoss(dc=dc, lambda_tv=lam, phase_scale=ps, support=args.support),
                     iterations=args.iterations, tol=args.tol, noise_level=args.noise_level, seed=args.seed,
-                    lr=args.lr, log_images=False)
+                    lr=args.lr, prior=args.prior, log_images=False)
     chi = model.fit_volume(field.data, mask, magnitude=mag, voxel_size=vs, b0_dir=b0, phase_scale=ps,
                            progress=not args.quiet)
     path = save_nifti(out, chi, like=field)
     meta = {
         "method": "uqsm_dip", "dc": dc, "lambda_tv": lam, "phase_scale_rad_per_ppm": ps,
         "iterations": args.iterations, "tol": args.tol, "noise_level_ppm": args.noise_level,
-        "support": args.support, "depth": args.depth, "width": args.width, "lr": args.lr, "seed": args.seed,
+        "support": args.support, "depth": args.depth, "width": args.width, "lr": args.lr, "seed": args.seed, "prior": args.prior,
         "fit": {k: v for k, v in model.last_fit.items() if k != "snapshots"},
         "B0_dir": [float(c) for c in b0], "voxel_size": [float(c) for c in vs],
         "field": str(args.field), "mask": str(args.mask), "magnitude": args.magnitude,

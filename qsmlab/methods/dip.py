@@ -45,6 +45,9 @@ class UQSMDIP(UQSM):
         tol: relative change of the data-consistency term over 10 steps that stops the fit (0: off).
         noise_level: field noise standard deviation (ppm) for the discrepancy-principle stop (None: off).
         seed: seed of the random initialisation of each fit.
+        prior: ``"tkd"`` (a common :class:`qsmlab.methods.base.QSMMethod` argument): TKD of the field is an input
+            channel and is added to the output, whose layer starts at zero, so each fit starts at TKD and the
+            loss moves it from there; None (the paper) starts from the random network's output.
         scheduler: ``"none"`` by default (a DIP fit has no epochs to anneal over).
         **kwargs: common :class:`qsmlab.methods.base.QSMMethod` arguments (lr, weight_decay, ...).
     """
@@ -84,6 +87,7 @@ class UQSMDIP(UQSM):
             for m in self.net.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+        self.prepare_network(self.net)  # with a prior: the output layer back at zero, so the fit starts at it
 
     def _should_stop(self, dc_history: Sequence[float], residual_rms: float | None) -> str | None:
         if self.noise_level is not None and residual_rms is not None and residual_rms <= self.noise_level:
