@@ -47,7 +47,7 @@ class UQSMDIP(UQSM):
         seed: seed of the random initialisation of each fit.
         prior: ``"tkd"`` (a common :class:`qsmlab.methods.base.QSMMethod` argument): TKD of the field is an input
             channel and is added to the output, whose layer starts at zero, so each fit starts at TKD and the
-            loss moves it from there; None (the paper) starts from the random network's output.
+            loss moves it from there; ``"none"`` (the paper) starts from the random network's output.
         scheduler: ``"none"`` by default (a DIP fit has no epochs to anneal over).
         **kwargs: common :class:`qsmlab.methods.base.QSMMethod` arguments (lr, weight_decay, ...).
     """
