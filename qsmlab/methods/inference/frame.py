@@ -17,7 +17,8 @@ Coordinates: voxel index ``i`` (input) and ``o`` (frame) map to mm about each gr
 the frame is ``q = R p`` with ``R`` the smallest rotation taking the input B0 onto the training B0
 (``R b = ±t``: B0's sign does not change the dipole kernel). Hence
 ``i = S_in^-1 R^T S_out (o - c_out) + c_in``, which is what ``scipy.ndimage.affine_transform`` takes.
-Fields and magnitudes are interpolated linearly, masks by nearest neighbour.
+Fields, magnitudes and the network's output are interpolated by cubic B-splines (:data:`INTERP_ORDER`),
+masks and labels by nearest neighbour.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ ANGLE_TOL_DEG = 1.0
 VOXEL_TOL = 0.25
 """A voxel size further than this (relative, any axis) from the training one is resampled to it."""
 NEAREST_KEYS = ("mask", "seg")
-"""Images resampled by nearest neighbour (labels); everything else linearly."""
+"""Images resampled by nearest neighbour (labels); everything else at :data:`INTERP_ORDER`."""
+INTERP_ORDER = 3
+"""Spline order of the frame's resampling, both ways (scipy's prefiltered cubic B-spline). Linear
+interpolation there and back smooths a 1 mm map twice: on a realistic head with B0 tilted 20 deg
+(``benchmarks/invivo_like_methods.py --recipe realistic --tilt 20``) it cost the learned ``cpu`` profiles
+2-4 NRMSE points against the truth and 4 against COSMOS, most of their gain over TKD (which needs no
+frame); cubic splines gave back nearly all of it (QSMnet cpu_cosmos 48.2 / 32.2 % linear, 46.1 / 28.1 %
+cubic, 45.5 / 26.9 % on the same head with axial B0). Order 1 is the cheaper, smoother choice."""
 
 
 # -- padding --------------------------------------------------------------------------------------------
@@ -115,25 +123,24 @@ class Frame:
     def rotated(self) -> bool:
         return self.angle_deg > 0
 
-    def forward(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Input-grid images -> frame grid (linear; ``mask``/``seg`` nearest)."""
-        out = {}
-        for k, v in images.items():
-            if v is None:
-                continue
-            order = 0 if k in NEAREST_KEYS else 1
-            out[k] = ndimage.affine_transform(np.asarray(v, dtype=np.float32), self.matrix, self.offset,
-                                              output_shape=self.out_shape, order=order, mode="constant",
-                                              cval=0.0, prefilter=False)
-        return out
+    def forward(self, images: Mapping[str, np.ndarray], order: int = INTERP_ORDER) -> dict[str, np.ndarray]:
+        """Input-grid images -> frame grid (splines of ``order``; ``mask``/``seg`` nearest)."""
+        return {k: _resample(v, self.matrix, self.offset, self.out_shape, 0 if k in NEAREST_KEYS else order)
+                for k, v in images.items() if v is not None}
 
-    def backward(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
-        """A frame-grid volume -> input grid (the inverse map, linear by default)."""
+    def backward(self, volume: np.ndarray, order: int = INTERP_ORDER) -> np.ndarray:
+        """A frame-grid volume -> input grid (the inverse map)."""
         inv = np.linalg.inv(self.matrix)
-        off = -inv @ self.offset
-        return ndimage.affine_transform(np.asarray(volume, dtype=np.float32), inv, off,
-                                        output_shape=self.in_shape, order=order, mode="constant", cval=0.0,
-                                        prefilter=False)
+        return _resample(volume, inv, -inv @ self.offset, self.in_shape, order)
+
+
+def _resample(v: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape, order: int) -> np.ndarray:
+    """``scipy.ndimage.affine_transform`` (zeros outside), float32 out; orders above 1 prefiltered in float64
+    (a B-spline without its prefilter smooths)."""
+    dtype = np.float64 if order > 1 else np.float32
+    out = ndimage.affine_transform(np.asarray(v, dtype=dtype), matrix, offset, output_shape=tuple(shape), order=order,
+                                   mode="constant", cval=0.0, prefilter=order > 1)
+    return out.astype(np.float32, copy=False)
 
 
 def make_frame(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float],
