@@ -141,7 +141,14 @@ def test_dip_command(tmp_path):
     assert img.shape == (16, 16, 16) and np.allclose(img.affine, affine)
     side = json.loads((tmp_path / "dip.json").read_text())
     # no sidecar with echo time: the default data consistency is the weighted linear one
-    assert side["dc"] == "weighted" and side["fit"]["iterations"] == 3
+    assert side["dc"] == "weighted" and side["fit"]["iterations"] == 3 and side["prior"] == "none"
+    # --prior tkd: recorded in the sidecar; the map differs from the paper's random start
+    out2 = tmp_path / "dip_tkd.nii.gz"
+    rc, _, err = run_cli(["dip", "--field", str(paths["field"]), "--mask", str(paths["mask"]), "--iterations", "3",
+                          "--depth", "2", "--width", "4", "--prior", "tkd", "--quiet", "-o", str(out2)])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "dip_tkd.json").read_text())["prior"] == "tkd"
+    assert not np.allclose(nib.load(str(out2)).get_fdata(), img.get_fdata())
     rc, _, err = run_cli(["dip", "--field", str(paths["field"]), "--mask", str(paths["mask"]), "--dc",
                           "nonlinear", "-o", str(out)])
     assert rc == 2 and "needs phase_scale" in err and len(err.strip().splitlines()) == 1
