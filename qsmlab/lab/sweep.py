@@ -190,21 +190,26 @@ def _devices(cfg: dict) -> int:
         return 1  # "auto": one device per trial unless asked
 
 
-def pruning_callback(trial, monitor: str):
+class FinalReportingPruningCallback(PyTorchLightningPruningCallback):
     """optuna-integration's ``PyTorchLightningPruningCallback`` (it imports ``lightning.pytorch`` and works
     with Lightning 2.6), except that the run's last validation is reported but never pruned: a trial that
     has already paid for its whole training keeps its result (COMPLETE with its value) instead of being
-    discarded as PRUNED at the finish line."""
-    class _Callback(PyTorchLightningPruningCallback):
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if not self.is_ddp_backend and not trainer.sanity_checking and _final_validation(trainer):
-                score = trainer.callback_metrics.get(self.monitor)
-                if score is not None:
-                    self._trial.report(float(score), step=pl_module.current_epoch)
-                return
-            super().on_validation_end(trainer, pl_module)
+    discarded as PRUNED at the finish line. A module-level class: ``ddp_spawn`` (``trainer.devices: 2`` on
+    CPU) pickles the trainer's callbacks into each process, and a class defined inside a function cannot be
+    pickled."""
 
-    return _Callback(trial, monitor=monitor)
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.is_ddp_backend and not trainer.sanity_checking and _final_validation(trainer):
+            score = trainer.callback_metrics.get(self.monitor)
+            if score is not None:
+                self._trial.report(float(score), step=pl_module.current_epoch)
+            return
+        super().on_validation_end(trainer, pl_module)
+
+
+def pruning_callback(trial, monitor: str) -> FinalReportingPruningCallback:
+    """The pruning callback of a trial (:class:`FinalReportingPruningCallback`)."""
+    return FinalReportingPruningCallback(trial, monitor=monitor)
 
 
 def _final_validation(trainer) -> bool:
