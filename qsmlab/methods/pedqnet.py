@@ -248,7 +248,9 @@ class PedQNet(QSMMethod):
         size = tuple(self.seg_net.fixed_input_size)
         if tuple(batch.field.shape[-3:]) != size:
             self.warn_once("patch", f"PedQNet: training patches {tuple(batch.field.shape[-3:])} differ from the "
-                                     f"UNETR size {size} (model.seg_img_size); set data.patch_size to it")
+                                     f"UNETR size {size} (model.seg_img_size): the UNETR runs Gaussian-blended "
+                                     "windows of its size over each patch (slower; data.patch_size equal to it "
+                                     "gives one window)")
         return super().training_step(batch, batch_idx)
 
     def score_volume(self, stage: str, batch, outputs) -> None:
