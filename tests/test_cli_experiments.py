@@ -17,12 +17,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 from _methods import run_cli
 
 from qsmlab.data.datamodule import QSMDataModule
 from qsmlab.data.recipe import ensure_dataset
-from qsmlab.lab.config import EXPERIMENTS_DIR, flatten, get_dotted, load_experiment, load_layers, profiles_of
+from qsmlab.lab.config import (
+    EXPERIMENTS_DIR,
+    _read,
+    flatten,
+    get_dotted,
+    load_experiment,
+    load_layers,
+    profiles_of,
+)
 from qsmlab.methods.registry import _import
 
 # the recipe of tests/test_methods_pedqnet.py and test_methods_nextqsm.py (same hash: one cached copy);
@@ -188,7 +195,7 @@ def _keys_left_to_the_parent(path: Path) -> dict[str, list[str]]:
     in some of its own profiles but leaves to the parent in this one, where the parent's profile sets them.
     Such a profile silently runs the parent's value: uqsm (NDI, no TV) inheriting uqsm_tv's cpu_cosmos ran
     with TV 2.6e-3 until its own cpu_cosmos set it back to 0."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read(path)  # the experiment's own layer, as the config loader reads it
     bases = [path.parent / b for b in raw.get("base") or [] if not str(b).startswith("base/")]
     if not bases:
         return {}

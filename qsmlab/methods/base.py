@@ -250,7 +250,10 @@ class QSMMethod(MethodModule):
         return interior(batch, self.options.patch_margin) if dataclasses.is_dataclass(batch) else batch
 
     def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The outputs the training loss sees (default: masked, as at inference)."""
+        """The outputs the training loss sees: masked, as at inference, unless the method's loss config says
+        ``support: "free"`` (uQSM, uQSM-DIP, PedQ-NET): then the loss sees the whole output."""
+        if getattr(getattr(self, "loss_config", None), "support", "mask") == "free":
+            return out
         return self.mask_outputs(out, mask)
 
     def training_loss(self, batch, outputs, physics) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

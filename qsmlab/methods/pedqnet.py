@@ -170,9 +170,6 @@ class PedQNet(QSMMethod):
             self.seg_net.to(memory_format=torch.channels_last_3d)
         self.save_method_hyperparameters(locals())
 
-    def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return out if self.loss_config.support == "free" else super().training_outputs(out, mask)
-
     @property
     def inference_outputs(self) -> tuple[str, ...] | None:
         return None if self.segment_at_inference else ("chi",)

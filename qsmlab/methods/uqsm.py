@@ -93,9 +93,6 @@ class UQSM(QSMMethod):
         self.loss_fn = build_uqsm_loss(self.loss_config)
         self.save_method_hyperparameters(locals())
 
-    def training_outputs(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return out if self.loss_config.support == "free" else super().training_outputs(out, mask)
-
     @property
     def requires(self) -> tuple[str, ...]:  # what the loss reads beyond the inputs
         return ("magnitude",) if self.loss_config.dc != "linear" else ()
