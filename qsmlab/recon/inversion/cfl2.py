@@ -114,7 +114,11 @@ def cfl2_gcv(field: np.ndarray, mask: np.ndarray, lams: Sequence[float], voxel_s
     # The band every axis resolves: |k_i| <= 1 / (2 max_j h_j). With anisotropic voxels the in-plane
     # frequencies past it are noise only; over the whole grid they dominate GCV, which then predicts the
     # field well and chi badly (0.5 x 0.5 x 2 mm: lam 0.18, 80 % NRMSE vs 72 % at the oracle's 0.015; in
-    # the band, 0.018). Isotropic voxels: the whole grid.
+    # the band, 0.018). Isotropic voxels: the whole grid. Against the realistic recipe's simulated COSMOS at
+    # 0.5 x 0.5 x 2 mm this band's weight is 2-3x the oracle's (cfl2 10.7 %, cg 11.5 % over the oracle's NRMSE;
+    # 1-3 % against the truth). Other bands tried there (2026-12-07, 6 cached cases of compare_classical.py
+    # --recipe realistic): a ball of this radius, a box at the geometric / arithmetic mean voxel size, the whole
+    # grid: each chose a larger weight (ball 12.4-24 %, whole grid 32-61 % against COSMOS), so this one stays.
     vs = op.voxel_size[0]
     kmax = 0.5 / float(max(vs)) * (1 + 1e-9)
     band = ((np.abs(np.fft.fftfreq(s[0], vs[0])) <= kmax)[:, None, None]
