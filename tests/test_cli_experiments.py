@@ -221,3 +221,21 @@ def test_a_profile_left_to_the_parent_fails_the_inheritance_check(tmp_path):
                    "  quick: {model: {init_args: {loss: {lambda_tv: 0.0}}}}\n"
                    "  cpu: {model: {init_args: {loss: {lambda_tv: 0.0}}}}\n")
     assert _keys_left_to_the_parent(exp) == {"cpu_cosmos": ["model.loss.lambda_tv"]}
+
+
+def test_quick_and_cosmos_profiles_learn_from_cosmos_and_truth_profiles_from_the_truth():
+    """What ``qsmlab fit --help`` says of the profiles: on the realistic heads, ``quick`` and ``*_cosmos`` profiles
+    read the COSMOS manifest (labels, or the fields simulated from it) and ``*_truth`` profiles the scalar truth's."""
+    cosmos, truth = "train_realistic_cosmos_recipe.yaml", "train_realistic_recipe.yaml"
+    seen = 0
+    for path in EXPERIMENTS:
+        for profile in profiles_of(path):
+            manifest = str(load_experiment(path, profile)["data"]["manifest"])
+            if "realistic" not in manifest:
+                continue  # the embedded default (full profiles, uQSM-DIP, the brain-mask net)
+            seen += 1
+            if profile == "quick" or profile.endswith("_cosmos"):
+                assert manifest.endswith(cosmos), f"{path.stem} --profile {profile}: {manifest}"
+            if profile.endswith("_truth"):
+                assert manifest.endswith(truth), f"{path.stem} --profile {profile}: {manifest}"
+    assert seen >= 20

@@ -15,9 +15,12 @@ arguments (any order; every option also as --option=VALUE):
   -c, --config FILE            experiment YAML (instead of or after EXPERIMENT); repeatable: the files
                                are merged in the order given, each with its base: files
   --profile NAME               profile of the experiment: quick (2 CPU cores, minutes; the default when
-                               defined), cpu / cpu_cosmos (CPU, up to an hour, realistic heads; cpu_cosmos
-                               simulates the training fields from each head's COSMOS map) or full (GPU,
-                               paper settings); which ones an experiment has: experiments/README.md
+                               defined), cpu / cpu_cosmos (CPU, up to an hour) or full (GPU, paper
+                               settings). On realistic heads, quick and *_cosmos (and QSMnet's cpu)
+                               learn from each head's simulated COSMOS map (labels, or the training
+                               fields made from it), for a scan scored against COSMOS; *_truth (and the
+                               other cpu profiles) from the scalar truth. Which ones an experiment has:
+                               experiments/README.md
   --SECTION.KEY VALUE          override any config key (trainer, model, data, seed_everything); init_args
                                levels may be left out, e.g. --model.loss.lambda_tv 3e-3
                                --trainer.max_steps=500 --data.patch_size 48. Applied after the files and
