@@ -102,6 +102,28 @@ def test_frame_round_trip_keeps_detail_with_cubic_splines():
     assert set(np.unique(frame.forward({"mask": (x > 0).astype(np.float32)})["mask"])) <= {0.0, 1.0}
 
 
+def test_frame_with_the_mask_keeps_the_input_extent_and_every_mask_voxel():
+    """With the scan's mask the rotated frame is the input's own size where the rotated head fits in it (an
+    instance-normalised network sees the share of empty grid it sees on an axial scan), and grows only as far as a
+    head reaching the grid's corners needs; every mask voxel survives the round trip either way."""
+    shape, vs, b = (48, 48, 40), (1.0, 1.0, 1.0), tilted_b0_dir(20)
+    c = (np.asarray(shape) - 1) / 2
+    r = np.sqrt(sum(((np.indices(shape)[i] - c[i]) / (0.33 * shape[i])) ** 2 for i in range(3)))
+    head = r < 1.0  # an ellipsoid, 8-10 voxels from every face
+    box = make_frame(shape, vs, b, (0, 0, 1), vs)
+    fitted = make_frame(shape, vs, b, (0, 0, 1), vs, mask=head)
+    assert fitted.out_shape == shape and np.prod(box.out_shape) > 1.15 * np.prod(shape), (box.out_shape, fitted.out_shape)
+    full = np.zeros(shape, bool)
+    full[1:-1, 1:-1, 1:-1] = True  # a mask up to the faces: its rotated corners need the whole rotated box
+    grown = make_frame(shape, vs, b, (0, 0, 1), vs, mask=full)
+    assert all(g > n for g, n in zip(grown.out_shape, shape) if g != n) and grown.out_shape != shape
+    assert all(g <= o for g, o in zip(grown.out_shape, box.out_shape))
+    for m, f in ((head, fitted), (full, grown)):
+        back = f.backward(f.forward({"mask": m.astype(np.float32)})["mask"], order=0) > 0.5
+        inner = ndimage.binary_erosion(m, iterations=1)  # nearest neighbour both ways may move the surface by a voxel
+        assert back[inner].all()
+
+
 def test_frame_only_when_geometry_differs():
     shape = (20, 22, 18)
     assert make_frame(shape, (1, 1, 1), tilted_b0_dir(0.5), (0, 0, 1), (1, 1, 1)) is None

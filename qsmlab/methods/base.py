@@ -198,11 +198,12 @@ class QSMMethod(MethodModule):
         """Masked outputs (ppm) for images on their grid: ``{"chi": [B, 1, X, Y, Z], ...}``."""
         return self.mask_outputs(self.infer_images(images, geometry), images["mask"])
 
-    def inference_frame(self, shape, voxel_size, b0_dir, voxel_resampling: str | None = None):
-        """The resampling frame of a scan (None: its geometry is the training one, within tolerance)."""
+    def inference_frame(self, shape, voxel_size, b0_dir, voxel_resampling: str | None = None, mask=None):
+        """The resampling frame of a scan (None: its geometry is the training one, within tolerance); with the
+        scan's ``mask``, the frame's extent follows the head (:func:`make_frame`)."""
         never = (voxel_resampling or self.options.voxel_resampling) == "never"
         return make_frame(shape, voxel_size, b0_dir, self.train_b0_dir.cpu().numpy(),
-                          None if never else self.train_voxel_size.cpu().numpy())
+                          None if never else self.train_voxel_size.cpu().numpy(), mask=mask)
 
     def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None) -> dict[str, np.ndarray]:
         """One scan, numpy (X, Y, Z) in and out (:func:`qsmlab.methods.inference.infer_volume`)."""

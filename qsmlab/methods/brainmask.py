@@ -85,8 +85,9 @@ class BrainMaskNet(MethodModule):
     def inputs_for(self, available) -> tuple[str, ...]:
         return tuple(self.inputs)
 
-    def inference_frame(self, shape, voxel_size, b0_dir, voxel_resampling: str | None = None):
-        """Resampling to the training voxel size (B0 is irrelevant to a magnitude)."""
+    def inference_frame(self, shape, voxel_size, b0_dir, voxel_resampling: str | None = None, mask=None):
+        """Resampling to the training voxel size (B0 is irrelevant to a magnitude; no rotation, so ``mask`` is
+        not needed)."""
         never = (voxel_resampling or self.options.voxel_resampling) == "never"
         return None if never else make_frame(shape, voxel_size, b0_dir, None, self.train_voxel_size.cpu().numpy())
 

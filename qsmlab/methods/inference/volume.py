@@ -43,7 +43,7 @@ def infer_volume(model, images: Mapping[str, np.ndarray], voxel_size: Sequence[f
     Outputs of kind ``"ppm"`` are masked; an output with several channels keeps them first.
     """
     mask = np.asarray(images["mask"]) > 0.5
-    frame = model.inference_frame(mask.shape, voxel_size, b0_dir, voxel_resampling)
+    frame = model.inference_frame(mask.shape, voxel_size, b0_dir, voxel_resampling, mask=mask)
     work = dict(images)
     geometry = (voxel_size, b0_dir)
     if frame is not None:
