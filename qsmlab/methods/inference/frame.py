@@ -161,7 +161,8 @@ def make_frame(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequen
     :data:`MASK_MARGIN_MM` needs it: the head keeps the share of the grid it has in the input. Why: a network with
     instance normalisation (PedQ-NET's DynUNet) normalises over the whole grid, zeros included, so the empty
     corners of the rotated box change its output. On a realistic 160^3 head with B0 tilted 20 deg, PedQ-NET's
-    cpu_cosmos network scored 54.8 / 39.5 % (truth / COSMOS) in the rotated box and 52.0 / 36.9 % run unrotated;
+    cpu_cosmos network scored 54.8 / 39.5 % (truth / COSMOS) in the rotated box, 52.5 / 37.9 % in the mask-fitted
+    frame and 52.0 / 36.9 % run unrotated (TKD 55.2 / 40.7; batch-normalised networks moved < 0.5, README);
     on the axial head, 24 voxels of extra zeros per side moved it from 52.2 to 54.3 % (uQSM's batch-normalised
     net: 52.7 vs 52.3 %).
     """
