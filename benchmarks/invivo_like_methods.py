@@ -21,8 +21,10 @@ checkpoint, else the last), two ways:
 in its valid mask); ``--cosmos`` adds a column against each head's simulated COSMOS (demeaned NRMSE in the mask
 COSMOS and V-SHARP share), the reference a real scan is scored against.
 
-Other geometries: ``--voxel 0.5 0.5 2 --shape 320 320 64`` (anisotropic), ``--tilt 20`` (B0 off k: both
-routes then also rotate into the training B0 direction and back), ``--tag`` names the output files.
+Other geometries: ``--voxel 0.5 0.5 2 --shape 320 320 40`` (anisotropic; a realistic head there with its
+COSMOS takes ~13 min and 18 GB once), ``--tilt 20`` (B0 off k: both routes then also rotate into the training B0
+direction and back), ``--tag`` names the output files. ``--runs-extra`` checkpoints run native unless
+``--extra-routes native,resampled``.
 Writes ``OUT/invivo_like_methods{tag}.{md,json,png}``; asserts nothing.
 
     python benchmarks/invivo_like_methods.py [--seeds 5] [--runs runs/compare_methods] [--methods qsmnet,uqsm_tv]
@@ -161,6 +163,10 @@ def main() -> None:
                          "(model errors, V-SHARP local field)")
     ap.add_argument("--runs-extra", nargs="*", default=[], metavar="NAME=CKPT",
                     help="more learned rows from checkpoint files, e.g. uqsm_tv_sweep=runs/uqsm_tv/trials/.../last.ckpt")
+    ap.add_argument("--extra-routes", default="native",
+                    help="routes of the --runs-extra rows, comma-separated: native (the network on the scan's grid, "
+                         "as the realistic profiles' voxel_resampling never) and/or resampled (to the training "
+                         "voxel size and back when > 25 %% off)")
     ap.add_argument("--tag", default="", help="suffix of the output files (invivo_like_methods<tag>.md)")
     ap.add_argument("--cosmos", action="store_true",
                     help="realistic: also score against the head's simulated COSMOS (demeaned NRMSE, column "
@@ -216,11 +222,15 @@ def main() -> None:
             t1 = time.perf_counter()
             outs = [learned(ckpt, s, native) for s in subs]
             add(name, "native" if native else "resampled", outs, time.perf_counter() - t1)
+    routes = [r for r in a.extra_routes.split(",") if r]
+    if not routes or set(routes) - {"native", "resampled"}:
+        raise SystemExit(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
     for item in a.runs_extra:
         name, _, path = item.partition("=")
-        t1 = time.perf_counter()
-        outs = [learned(Path(path), s, True) for s in subs]
-        add(name, "native", outs, time.perf_counter() - t1)
+        for route in routes:
+            t1 = time.perf_counter()
+            outs = [learned(Path(path), s, route == "native") for s in subs]
+            add(name, route, outs, time.perf_counter() - t1)
 
     cols = ("method", "route") + keys + ("seconds",)
     lines = [f"# Quick profiles on in-vivo-like scans ({'x'.join(map(str, a.shape))} at "
@@ -232,7 +242,7 @@ def main() -> None:
                 "field from the echo fit and V-SHARP, scored in its valid mask")
              + f"; noise "
              f"{np.mean([s['noise_ppm'] for s in subs]):.4f} ppm); metrics inside the mask; NRMSE, HFEN in %, "
-             "PSNR in dB; seconds per scan (2 threads).", "",
+             "PSNR in dB; seconds per scan (" + f"{a.threads} thread{'s' if a.threads > 1 else ''}).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if c == "ssim" else f"{r[c]:.1f}" if isinstance(r[c], float)
