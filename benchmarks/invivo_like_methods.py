@@ -174,6 +174,13 @@ def main() -> None:
     ap.add_argument("--classical", default=None,
                     help="comma-separated classical rows (default: tkd,cfl2,tv; realistic: + ndi,lsqr,medi)")
     a = ap.parse_args()
+    routes = [r for r in a.extra_routes.split(",") if r]
+    if not routes or set(routes) - {"native", "resampled"}:
+        ap.error(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
+    for item in a.runs_extra:
+        name, _, path = item.partition("=")
+        if not name or not Path(path).is_file():
+            ap.error(f"--runs-extra {item!r}: expected NAME=CKPT with an existing checkpoint file")
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
@@ -222,9 +229,6 @@ def main() -> None:
             t1 = time.perf_counter()
             outs = [learned(ckpt, s, native) for s in subs]
             add(name, "native" if native else "resampled", outs, time.perf_counter() - t1)
-    routes = [r for r in a.extra_routes.split(",") if r]
-    if not routes or set(routes) - {"native", "resampled"}:
-        raise SystemExit(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
     for item in a.runs_extra:
         name, _, path = item.partition("=")
         for route in routes:
