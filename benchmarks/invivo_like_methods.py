@@ -177,8 +177,8 @@ def main() -> None:
     routes = [r for r in a.extra_routes.split(",") if r]
     if not routes or set(routes) - {"native", "resampled"}:
         ap.error(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
-    for item in a.runs_extra:
-        name, _, path = item.partition("=")
+    extras = [(item, *item.partition("=")[::2]) for item in a.runs_extra]  # (item, name, checkpoint path)
+    for item, name, path in extras:
         if not name or not Path(path).is_file():
             ap.error(f"--runs-extra {item!r}: expected NAME=CKPT with an existing checkpoint file")
     torch.set_num_threads(a.threads)
@@ -229,8 +229,7 @@ def main() -> None:
             t1 = time.perf_counter()
             outs = [learned(ckpt, s, native) for s in subs]
             add(name, "native" if native else "resampled", outs, time.perf_counter() - t1)
-    for item in a.runs_extra:
-        name, _, path = item.partition("=")
+    for _, name, path in extras:
         for route in routes:
             t1 = time.perf_counter()
             outs = [learned(Path(path), s, route == "native") for s in subs]
@@ -246,7 +245,7 @@ def main() -> None:
                 "field from the echo fit and V-SHARP, scored in its valid mask")
              + f"; noise "
              f"{np.mean([s['noise_ppm'] for s in subs]):.4f} ppm); metrics inside the mask; NRMSE, HFEN in %, "
-             "PSNR in dB; seconds per scan (" + f"{a.threads} thread{'s' if a.threads > 1 else ''}).", "",
+             f"PSNR in dB; seconds per scan ({a.threads} thread{'s' if a.threads > 1 else ''}).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if c == "ssim" else f"{r[c]:.1f}" if isinstance(r[c], float)
