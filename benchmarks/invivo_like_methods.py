@@ -24,7 +24,7 @@ COSMOS and V-SHARP share), the reference a real scan is scored against.
 Other geometries: ``--voxel 0.5 0.5 2 --shape 320 320 40`` (anisotropic; a realistic head there with its
 COSMOS takes ~13 min and 18 GB once), ``--tilt 20`` (B0 off k: both routes then also rotate into the training B0
 direction and back), ``--tag`` names the output files. ``--runs-extra`` checkpoints run native unless
-``--extra-routes native,resampled``.
+``--extra-routes native,resampled``, and in one pass unless ``--extra-tta none,flips`` (test-time mirroring).
 Writes ``OUT/invivo_like_methods{tag}.{md,json,png}``; asserts nothing.
 
     python benchmarks/invivo_like_methods.py [--seeds 5] [--runs runs/compare_methods] [--methods qsmnet,uqsm_tv]
@@ -141,11 +141,11 @@ def checkpoint(runs: Path, name: str) -> Path | None:
     return last if last.is_file() else None
 
 
-def learned(ckpt: Path, s: dict, native: bool) -> np.ndarray:
+def learned(ckpt: Path, s: dict, native: bool, tta: str | None = None) -> np.ndarray:
     from qsmlab.methods.predict import method_from, predict_volume
 
     return predict_volume(method_from(ckpt), s["local"], s["mask"], s["vs"], s["b0"], magnitude=s["magnitude"],
-                          voxel_resampling="never" if native else "auto")
+                          voxel_resampling="never" if native else "auto", tta=tta)
 
 
 def main() -> None:
@@ -167,6 +167,9 @@ def main() -> None:
                     help="routes of the --runs-extra rows, comma-separated: native (the network on the scan's grid, "
                          "as the realistic profiles' voxel_resampling never) and/or resampled (to the training "
                          "voxel size and back when > 25 %% off)")
+    ap.add_argument("--extra-tta", default="none",
+                    help="test-time augmentation of the --runs-extra rows, comma-separated: none (one pass) and/or "
+                         "flips (the mean over the kernel-preserving axis flips; route shown as 'native+flips')")
     ap.add_argument("--tag", default="", help="suffix of the output files (invivo_like_methods<tag>.md)")
     ap.add_argument("--cosmos", action="store_true",
                     help="realistic: also score against the head's simulated COSMOS (demeaned NRMSE, column "
@@ -177,6 +180,9 @@ def main() -> None:
     routes = [r for r in a.extra_routes.split(",") if r]
     if not routes or set(routes) - {"native", "resampled"}:
         ap.error(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
+    ttas = [x for x in a.extra_tta.split(",") if x]
+    if not ttas or set(ttas) - {"none", "flips"}:
+        ap.error(f"--extra-tta: expected none and/or flips, got {a.extra_tta!r}")
     extras = [(item, *item.partition("=")[::2]) for item in a.runs_extra]  # (item, name, checkpoint path)
     for item, name, path in extras:
         if not name or not Path(path).is_file():
@@ -231,9 +237,10 @@ def main() -> None:
             add(name, "native" if native else "resampled", outs, time.perf_counter() - t1)
     for _, name, path in extras:
         for route in routes:
-            t1 = time.perf_counter()
-            outs = [learned(Path(path), s, route == "native") for s in subs]
-            add(name, route, outs, time.perf_counter() - t1)
+            for tta in ttas:
+                t1 = time.perf_counter()
+                outs = [learned(Path(path), s, route == "native", tta) for s in subs]
+                add(name, route + ("+flips" if tta == "flips" else ""), outs, time.perf_counter() - t1)
 
     cols = ("method", "route") + keys + ("seconds",)
     lines = [f"# Quick profiles on in-vivo-like scans ({'x'.join(map(str, a.shape))} at "

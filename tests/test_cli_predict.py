@@ -130,6 +130,37 @@ def test_voxel_resampling_never_runs_on_the_scans_grid_and_still_rotates(ckpts, 
                   "--mask", str(paths["mask"]), "--voxel-resampling", "sometimes", "-o", str(out)])
     assert exc.value.code == 2 and "--voxel-resampling" in err.getvalue()
 
+def test_tta_flips_on_the_command_line_equals_the_api_and_is_recorded(ckpts, tmp_path):
+    """``--tta flips``: the mirrored mean (8 flips on an axial scan), the same map as the API call, recorded in
+    the sidecar; without the option the checkpoint's ``model.tta`` ("none"); a bad value is argparse's error."""
+    import contextlib
+    import io
+
+    from qsmlab.cli import main as cli_main
+    from qsmlab.methods.predict import method_from
+
+    paths, _ = _scan(tmp_path)
+    outs = {}
+    for tta in ("flips", None):
+        out = tmp_path / f"chi_{tta}.nii.gz"
+        rc, _, err = run_cli(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(paths["field"]),
+                              "--mask", str(paths["mask"]), "-o", str(out)] + (["--tta", tta] if tta else []))
+        assert rc == 0, err
+        outs[tta] = np.asarray(nib.load(str(out)).dataobj)
+        assert json.loads((tmp_path / f"chi_{tta}.json").read_text())["tta"] == (tta or "none")
+    model = method_from(ckpts["uqsm"])
+    f = np.asarray(nib.load(str(paths["field"])).dataobj)
+    mask = np.asarray(nib.load(str(paths["mask"])).dataobj) > 0.5
+    api = predict_volume(model, f, mask, voxel_size=(2, 2, 2), b0_dir=(0, 0, 1), tta="flips")
+    np.testing.assert_allclose(outs["flips"], api, atol=1e-6)
+    assert np.abs(outs["flips"] - outs[None]).max() > 0  # a trained network is not flip-equivariant
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        cli_main(["predict", "--ckpt", str(ckpts["uqsm"]), "--field", str(paths["field"]),
+                  "--mask", str(paths["mask"]), "--tta", "mirror", "-o", str(tmp_path / "x.nii.gz")])
+    assert exc.value.code == 2 and "--tta" in err.getvalue()
+
+
 def test_dip_command(tmp_path):
     paths, affine = _scan(tmp_path, shape=(16, 16, 16))
     out = tmp_path / "dip.nii.gz"

@@ -17,7 +17,8 @@ large) and any B0 direction: when B0 is more than 1 degree from the training dat
 in the checkpoint), the field and mask are rotated into a frame where B0 matches, the network runs, and
 chi is rotated back (a warning says so). A voxel size more than 25 % from the training one is resampled
 to it and back, with a warning, unless the checkpoint says voxel_resampling: never (the quick profiles
-with a TKD prior: they keep the scan's resolution) or --voxel-resampling overrides it. The B0 direction
+with a TKD prior: they keep the scan's resolution) or --voxel-resampling overrides it. --tta flips averages
+the network over the axis flips that leave the dipole kernel unchanged (as nnU-Net mirrors). The B0 direction
 (voxel axes) is, by priority: --b0-dir, the field's JSON sidecar key "B0_dir", the field's affine. The
 voxel size comes from the header unless --voxel-size.
 
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voxel-resampling", choices=("auto", "never"),
                    help="voxel size > 25 %% off the training one: 'auto' resamples to it and back, 'never' runs "
                         "on the scan's grid (default: the checkpoint's model.voxel_resampling)")
+    p.add_argument("--tta", choices=("none", "flips"),
+                   help="test-time mirroring: 'flips' averages the network over the axis flips that keep the dipole "
+                        "kernel (8 for B0 along a voxel axis; one pass each), 'none' one pass (default: the "
+                        "checkpoint's model.tta)")
     p.add_argument("--method", metavar="NAME",
                    help="expected method (uqsm, uqsm_dip, qsmnet, qsmnet_plus, ...); a checkpoint of another fails")
     p.add_argument("--device", default="cpu", help="torch device for inference (default cpu; e.g. cuda)")
@@ -101,7 +106,7 @@ def run(args) -> int:
     scan = load_scan(args, ("magnitude", "total_field"))
     field, mask, extra, b0, vs = scan.field, scan.mask, scan.images, scan.b0_dir, scan.voxel_size
     chi = predict_volume(model, field.data, mask, voxel_size=vs, b0_dir=b0,
-                         voxel_resampling=args.voxel_resampling, **extra)
+                         voxel_resampling=args.voxel_resampling, tta=args.tta, **extra)
     if not np.all(np.isfinite(chi)):
         raise QSMInputError(f"--ckpt {args.ckpt}: the network produced non-finite values on {args.field}")
     path = save_nifti(out, chi, like=field)
@@ -115,6 +120,7 @@ def run(args) -> int:
         "train_b0_dir": [float(c) for c in model.train_b0_dir],
         "train_voxel_size": [float(c) for c in model.train_voxel_size],
         "voxel_resampling": args.voxel_resampling or model.options.voxel_resampling,
+        "tta": args.tta or model.options.tta,
         "field": str(args.field), "mask": str(args.mask), "magnitude": args.magnitude,
         "total_field": args.total_field,
         "units": "ppm",

@@ -205,9 +205,10 @@ class QSMMethod(MethodModule):
         return make_frame(shape, voxel_size, b0_dir, self.train_b0_dir.cpu().numpy(),
                           None if never else self.train_voxel_size.cpu().numpy(), mask=mask)
 
-    def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None) -> dict[str, np.ndarray]:
+    def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None,
+                     tta=None) -> dict[str, np.ndarray]:
         """One scan, numpy (X, Y, Z) in and out (:func:`qsmlab.methods.inference.infer_volume`)."""
-        return infer_volume(self, images, voxel_size, b0_dir, voxel_resampling, outputs)
+        return infer_volume(self, images, voxel_size, b0_dir, voxel_resampling, outputs, tta)
 
     def batch_images(self, batch, i: slice | None = None) -> dict[str, torch.Tensor]:
         """The images of ``batch`` (samples ``i``) the method uses, with the mask."""
@@ -224,7 +225,8 @@ class QSMMethod(MethodModule):
             if self.inference_frame(images["mask"].shape[-3:], vs, b0) is None:
                 results.append(self.mask_outputs(self.infer_images(images, (vs, b0), outputs), images["mask"]))
                 continue
-            out = self.infer_arrays({k: v[0, 0].cpu().numpy() for k, v in images.items()}, vs, b0, outputs=outputs)
+            out = self.infer_arrays({k: v[0, 0].cpu().numpy() for k, v in images.items()}, vs, b0, outputs=outputs,
+                                    tta="none")
             results.append({k: torch.from_numpy(np.asarray(v, np.float32)).reshape((1, -1) + v.shape[-3:])
                             .to(self.device) for k, v in out.items()})
         return {k: torch.cat([r[k] for r in results]) for k in results[0]}

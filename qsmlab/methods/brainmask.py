@@ -55,6 +55,7 @@ class BrainMaskNet(MethodModule):
     outputs = {"mask_logits": "logits"}
     primary_output = "mask"
     inference_outputs = None
+    b0_invariant = True  # a magnitude image: test-time mirroring may use every flip
 
     def __init__(self, img_size: int | Sequence[int] = 64, feature_size: int = 8, hidden_size: int = 96,
                  mlp_dim: int = 192, num_heads: int = 4, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
@@ -105,11 +106,12 @@ class BrainMaskNet(MethodModule):
                             overlap=o.sw_overlap, windows=windows, batch_size=SW_BATCH, name="mask_logits")
         return {k: v.float() for k, v in out.items()}
 
-    def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None) -> dict[str, np.ndarray]:
+    def infer_arrays(self, images, voxel_size, b0_dir, voxel_resampling=None, outputs=None,
+                     tta=None) -> dict[str, np.ndarray]:
         """``{"mask": 0/1 (X, Y, Z), "mask_logits": (2, X, Y, Z)}`` of a magnitude image."""
         mag = np.asarray(images["magnitude"], dtype=np.float32)
         out = infer_volume(self, {"magnitude": mag, "mask": np.ones(mag.shape, np.float32)}, voxel_size, b0_dir,
-                           voxel_resampling)
+                           voxel_resampling, tta=tta)
         logits = out["mask_logits"]
         return {"mask": (logits[1] > logits[0]).astype(np.float32), "mask_logits": logits}
 
@@ -122,7 +124,7 @@ class BrainMaskNet(MethodModule):
             if self.inference_frame(mag.shape[-3:], vs, b0) is None:
                 logits.append(self.infer_images({"magnitude": mag})["mask_logits"])
             else:
-                a = self.infer_arrays({"magnitude": mag[0, 0].cpu().numpy()}, vs, b0)["mask_logits"]
+                a = self.infer_arrays({"magnitude": mag[0, 0].cpu().numpy()}, vs, b0, tta="none")["mask_logits"]
                 logits.append(torch.from_numpy(np.asarray(a, np.float32))[None].to(self.device))
         lg = torch.cat(logits)
         return {"mask_logits": lg, "mask": (lg[:, 1:2] > lg[:, 0:1]).to(lg.dtype)}

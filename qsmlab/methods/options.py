@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qsmlab.errors import QSMInputError
+from qsmlab.methods.inference.flips import TTA
 from qsmlab.metrics import TORCH_METRICS
 
 SCHEDULERS = ("cosine", "step", "exponential", "none")
@@ -110,6 +111,12 @@ class MethodOptions:
             1.06 mm with networks trained at 2 mm (``benchmarks/invivo_like_methods.py``), the resampled
             route scored 53 % NRMSE (the chi of a 2 mm grid, worse than TKD's 41 % at 1.06 mm) and the
             native route 39-40 %. A B0 direction off the training one is rotated either way.
+        tta: test-time augmentation of one-scan predictions (``qsmlab predict --ckpt``, the pipeline's ``ckpt:``
+            steps, :func:`qsmlab.methods.predict.predict_volume`; not the Lightning validation / test / predict
+            loops, which score every checkpoint the same way): ``"none"`` or
+            ``"flips"``, the mean over the axis flips that leave the dipole kernel unchanged (eight for B0 along a
+            voxel axis; :mod:`qsmlab.methods.inference.flips`), as nnU-Net predicts with mirroring. Costs one
+            pass per flip.
     """
 
     lr: float = 1e-3
@@ -134,6 +141,7 @@ class MethodOptions:
     patch_fields: str = "data"
     patch_field_noise: float = 0.0
     voxel_resampling: str = "auto"
+    tta: str = "none"
 
     def __post_init__(self):
         _one_of("scheduler", self.scheduler, SCHEDULERS)
@@ -155,6 +163,7 @@ class MethodOptions:
             raise QSMInputError(f"model.patch_field_noise: expected a number of ppm >= 0, got "
                                 f"{self.patch_field_noise!r}")
         _one_of("voxel_resampling", self.voxel_resampling, VOXEL_RESAMPLING)
+        _one_of("tta", self.tta, TTA)
         _one_of("pad_mode", self.pad_mode, PAD_MODES)
         fs = self.field_scale
         if fs is not None and not (math.isfinite(fs) and fs > 0):

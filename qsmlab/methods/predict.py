@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qsmlab.errors import QSMInputError
+from qsmlab.methods.inference.flips import TTA
 from qsmlab.methods.module import MethodModule
 from qsmlab.methods.options import VOXEL_RESAMPLING
 from qsmlab.methods.registry import load_method
@@ -88,7 +89,7 @@ def predict_volume(ckpt: str | Path | MethodModule, field: np.ndarray, mask: np.
                    voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
                    magnitude: np.ndarray | None = None, total_field: np.ndarray | None = None,
                    method: str | None = None, output: str | None = None,
-                   voxel_resampling: str | None = None) -> np.ndarray:
+                   voxel_resampling: str | None = None, tta: str | None = None) -> np.ndarray:
     """chi (ppm, (X, Y, Z), zero outside the mask) of a local field with a trained method.
 
     Args:
@@ -100,10 +101,14 @@ def predict_volume(ckpt: str | Path | MethodModule, field: np.ndarray, mask: np.
         output: which named output to return (default the method's primary output, ``chi``).
         voxel_resampling: ``"auto"`` or ``"never"`` for this call (see ``MethodOptions``); None = the
             checkpoint's setting. The model is not changed.
+        tta: ``"none"`` or ``"flips"`` (test-time mirroring, :mod:`qsmlab.methods.inference.flips`) for this
+            call; None = the checkpoint's ``model.tta``.
     """
     model = method_from(ckpt, method)
     if voxel_resampling is not None and voxel_resampling not in VOXEL_RESAMPLING:
         raise QSMInputError(f"voxel_resampling: expected one of {list(VOXEL_RESAMPLING)}, got {voxel_resampling!r}")
+    if tta is not None and tta not in TTA:
+        raise QSMInputError(f"tta: expected one of {list(TTA)}, got {tta!r}")
     images = checked_images({"field": field, "mask": mask, "magnitude": magnitude, "total_field": total_field},
                             "field")
     use = list(model.inputs_for(set(images))) + ["mask"]
@@ -113,7 +118,7 @@ def predict_volume(ckpt: str | Path | MethodModule, field: np.ndarray, mask: np.
                             f"(--{missing[0].replace('_', '-')})")
     vs, b0 = checked_geometry(voxel_size, b0_dir)
     with evaluating(model):
-        out = model.infer_arrays({k: v for k, v in images.items() if k in use}, vs, b0, voxel_resampling)
+        out = model.infer_arrays({k: v for k, v in images.items() if k in use}, vs, b0, voxel_resampling, tta=tta)
     key = output or model.primary_output
     if key not in out:
         raise QSMInputError(f"output {key!r}: method {model.name!r} produces {sorted(out)}")

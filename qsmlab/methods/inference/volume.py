@@ -2,8 +2,9 @@
 
 :func:`infer_volume` resamples the images into the method's inference frame when the scan's B0 direction
 or voxel size is off the training data's (:func:`qsmlab.methods.inference.frame.make_frame`, with a
-warning), runs the method's full-volume inference (:meth:`QSMMethod.infer_images`) and resamples the
-outputs back. Every setting is an argument: a cached model serves calls with different settings, and
+warning), runs the method's full-volume inference (:meth:`QSMMethod.infer_images`; with ``tta="flips"`` the mean
+over the kernel-preserving axis flips, :mod:`qsmlab.methods.inference.flips`) and resamples the outputs back.
+Every setting is an argument: a cached model serves calls with different settings, and
 nothing on the model changes.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from qsmlab.methods.inference.flips import kernel_preserving_flips, mirror_averaged
 
 
 def describe_frame(frame, train_b0_dir) -> str:
@@ -29,8 +32,8 @@ def describe_frame(frame, train_b0_dir) -> str:
 
 @torch.no_grad()
 def infer_volume(model, images: Mapping[str, np.ndarray], voxel_size: Sequence[float], b0_dir: Sequence[float],
-                 voxel_resampling: str | None = None, outputs: Sequence[str] | None = None
-                 ) -> dict[str, np.ndarray]:
+                 voxel_resampling: str | None = None, outputs: Sequence[str] | None = None,
+                 tta: str | None = None) -> dict[str, np.ndarray]:
     """Full-volume outputs of ``model`` for one scan: ``{"chi": (X, Y, Z) ppm, masked, ...}``.
 
     Args:
@@ -39,6 +42,9 @@ def infer_volume(model, images: Mapping[str, np.ndarray], voxel_size: Sequence[f
         voxel_size: mm. b0_dir: unit B0 direction in voxel axes.
         voxel_resampling: ``"auto"`` / ``"never"`` for this call (None: the model's option).
         outputs: the outputs wanted (None: the model's ``inference_outputs``).
+        tta: ``"none"`` / ``"flips"`` for this call (None: the model's option ``tta``): the mean over the axis
+            flips that keep the dipole kernel of the geometry the network runs in (after the frame), each
+            output flipped back (a model with ``b0_invariant`` set, the brain-masking net: all eight).
 
     Outputs of kind ``"ppm"`` are masked; an output with several channels keeps them first.
     """
@@ -53,7 +59,12 @@ def infer_volume(model, images: Mapping[str, np.ndarray], voxel_size: Sequence[f
         geometry = (frame.out_voxel_size, train_b0 if frame.rotated else b0_dir)
     tens = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None].to(model.device)
             for k, v in work.items() if v is not None}
-    out = model.infer_images(tens, geometry, outputs=model.inference_outputs if outputs is None else tuple(outputs))
+    wanted = model.inference_outputs if outputs is None else tuple(outputs)
+    if (tta or getattr(model.options, "tta", "none")) == "flips":
+        flips = kernel_preserving_flips(None if getattr(model, "b0_invariant", False) else geometry[1])
+        out = mirror_averaged(lambda t: model.infer_images(t, geometry, outputs=wanted), tens, flips)
+    else:
+        out = model.infer_images(tens, geometry, outputs=wanted)
     res = {}
     for k, t in out.items():
         a = t[0].float().cpu().numpy()
