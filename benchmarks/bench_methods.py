@@ -19,7 +19,7 @@ uQSM-DIP has no inference step (it fits each volume: its cost is iterations x a 
 whole volume), so it is not in the inference columns. Prints a markdown table and writes
 ``OUT/bench_methods.{md,json}``; asserts nothing.
 
-    python benchmarks/bench_methods.py [--methods nextqsm,pedqnet] [--threads 2] [--sizes 160,256]
+    python benchmarks/bench_methods.py [--methods nextqsm,pedqnet] [--threads 2] [--sizes 160,256] [--bf16]
 
 ``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/old <rev>``) times full-volume
 inference of this tree and of DIR side by side instead: fresh processes, alternated (this, DIR, this, ...)
@@ -87,7 +87,12 @@ def head(n: int, seed: int = 0) -> dict[str, np.ndarray]:
             "total_field": (field + 0.5 * g[2] * g[2] + 0.2 * g[0]).astype(np.float32), "seg": seg}
 
 
-def train_throughput(name: str, profile: str, steps: int, batch: int = 2, patch: int = 64) -> float:
+def train_throughput(name: str, profile: str, steps: int, batch: int = 2, patch: int = 64,
+                     bf16: bool = False) -> float:
+    """Patches per second; ``bf16``: forward and loss under ``torch.autocast("cpu", torch.bfloat16)``, as
+    Lightning's ``precision: bf16-mixed`` runs a training step (float32 weights and optimiser)."""
+    import contextlib
+
     import torch
 
     from qsmlab.data.collate import QSMBatch
@@ -104,7 +109,8 @@ def train_throughput(name: str, profile: str, steps: int, batch: int = 2, patch:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        loss = model.training_step(b, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model.training_step(b, i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -178,6 +184,9 @@ def main() -> None:
     ap.add_argument("--profile", default="quick", choices=("quick", "full"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time training steps in bf16 mixed precision (column train_bf16_patches_per_s and "
+                         "the ratio bf16_speedup; bf16 is fast on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere)")
     ap.add_argument("--sizes", default="160,256", help="inference grid edges (the first is the timed target)")
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--baseline", type=Path, help="another checkout: time inference of both trees side by side")
@@ -205,6 +214,9 @@ def main() -> None:
         del model
         try:
             row["train_patches_per_s"] = train_throughput(name, a.profile, a.steps)
+            if a.bf16:
+                row["train_bf16_patches_per_s"] = train_throughput(name, a.profile, a.steps, bf16=True)
+                row["bf16_speedup"] = row["train_bf16_patches_per_s"] / row["train_patches_per_s"]
         except Exception as e:  # report, do not stop the table
             row["train_error"] = f"{type(e).__name__}: {e}"[:200]
         for n in sizes:
@@ -216,7 +228,8 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: {json.dumps(row, default=float)} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    cols = ["method", "parameters", "train_patches_per_s"] + [f"infer_{n}_s" for n in sizes] + \
+    cols = ["method", "parameters", "train_patches_per_s"] + (["train_bf16_patches_per_s", "bf16_speedup"]
+                                                              if a.bf16 else []) + [f"infer_{n}_s" for n in sizes] + \
         [f"peak_rss_{n}_gb" for n in sizes]
     load = os.getloadavg()
     lines = [f"# Learned methods on CPU ({a.threads} threads, {a.profile} profile networks)", "",
