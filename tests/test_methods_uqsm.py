@@ -52,7 +52,8 @@ def test_the_ablation_is_four_configs(exp, kind, tv, tiny_manifest, monkeypatch)
     assert type(m) is UQSM and m.loss_fn.terms["dc"].kind == kind
     assert m.loss_fn.weights["tv"] == pytest.approx(tv) and m.loss_fn.weights["dc"] == 1.0
     assert m.loss_fn.terms["dc"].weighted == (kind != "linear")
-    assert cli.trainer.max_steps == 200 and m.hparams.prior == "tkd" and m.hparams.voxel_resampling == "never"
+    assert cli.trainer.max_steps == 320 and m.hparams.prior == "tkd" and m.hparams.voxel_resampling == "never"
+    assert cfg["trainer"]["precision"] == "bf16-mixed"  # the quick profile's bf16 steps (session 23)
     assert cfg["model"]["init_args"]["loss"]["support"] == "free" and m.hparams.lr == pytest.approx(3e-3)
     assert not cli.trainer._accelerator_connector.use_distributed_sampler
 
