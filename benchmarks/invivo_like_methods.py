@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from compare_classical import load_npz, save_npz  # noqa: E402  (this folder: run as python benchmarks/...)
 from compare_methods import measured_field  # noqa: E402
 
+from qsmlab.methods.inference.flips import TTA  # noqa: E402
 from qsmlab.metrics import compute_all, nrmse_demeaned  # noqa: E402
 from qsmlab.recon import registry  # noqa: E402
 
@@ -181,7 +182,7 @@ def main() -> None:
     if not routes or set(routes) - {"native", "resampled"}:
         ap.error(f"--extra-routes: expected native and/or resampled, got {a.extra_routes!r}")
     ttas = [x for x in a.extra_tta.split(",") if x]
-    if not ttas or set(ttas) - {"none", "flips"}:
+    if not ttas or set(ttas) - set(TTA):
         ap.error(f"--extra-tta: expected none and/or flips, got {a.extra_tta!r}")
     extras = [(item, *item.partition("=")[::2]) for item in a.runs_extra]  # (item, name, checkpoint path)
     for item, name, path in extras:

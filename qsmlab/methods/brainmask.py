@@ -55,7 +55,7 @@ class BrainMaskNet(MethodModule):
     outputs = {"mask_logits": "logits"}
     primary_output = "mask"
     inference_outputs = None
-    b0_invariant = True  # a magnitude image: test-time mirroring may use every flip
+    b0_invariant = True  # a magnitude image
 
     def __init__(self, img_size: int | Sequence[int] = 64, feature_size: int = 8, hidden_size: int = 96,
                  mlp_dim: int = 192, num_heads: int = 4, lambda_dice: float = 1.0, lambda_ce: float = 1.0,

@@ -41,6 +41,8 @@ class MethodModule(L.LightningModule):
     inputs: ClassVar[tuple[str, ...]] = ("field",)
     outputs: ClassVar[dict[str, str]] = {"chi": "ppm"}
     primary_output: ClassVar[str] = "chi"
+    #: the outputs do not depend on B0 (a magnitude-only net): test-time mirroring may use every axis flip
+    b0_invariant: ClassVar[bool] = False
 
     def __init__(self, **options):
         super().__init__()

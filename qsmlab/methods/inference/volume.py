@@ -60,8 +60,8 @@ def infer_volume(model, images: Mapping[str, np.ndarray], voxel_size: Sequence[f
     tens = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None].to(model.device)
             for k, v in work.items() if v is not None}
     wanted = model.inference_outputs if outputs is None else tuple(outputs)
-    if (tta or getattr(model.options, "tta", "none")) == "flips":
-        flips = kernel_preserving_flips(None if getattr(model, "b0_invariant", False) else geometry[1])
+    if (tta or model.options.tta) == "flips":
+        flips = kernel_preserving_flips(None if model.b0_invariant else geometry[1])
         out = mirror_averaged(lambda t: model.infer_images(t, geometry, outputs=wanted), tens, flips)
     else:
         out = model.infer_images(tens, geometry, outputs=wanted)
