@@ -19,9 +19,12 @@ from qsmlab.data.manifest import load_manifest
 from qsmlab.data.phantoms.anatomical import LABEL_IDS
 from qsmlab.data.recipe import ensure_dataset
 from qsmlab.errors import QSMInputError
+from qsmlab.losses import DiceCELoss
 from qsmlab.methods import BrainMaskNet, PedQNet, load_method
+from qsmlab.methods.patches import crop_windows, label_windows
 from qsmlab.methods.pedqnet import dice_per_volume, label_lut
 from qsmlab.methods.predict import predict_volume
+from qsmlab.physics import physics_for_batch
 
 # Same tiny hybrid dataset as tests/test_methods_nextqsm.py (one cache entry): two MNI anatomical
 # subjects at 5 mm with the engine's seg labels, and a random-shape phantom (whose labels are shapes).
@@ -243,3 +246,60 @@ def test_pedqnet_free_support_frees_only_the_loss():
     assert models["free"].loss_fn.terms["tv"].support == "grid"
     with pytest.raises(QSMInputError, match="model.loss.support"):
         PedQNet(**TINY_PED, loss={"support": "everywhere"})
+
+
+def test_label_windows_centre_half_on_labels_and_stay_inside_the_patch():
+    labels = torch.zeros(2, 1, 32, 32, 24, dtype=torch.long)
+    labels[0, 0, 3, 20, 22] = 2                      # one labelled voxel near two faces
+    mask = torch.zeros(2, 1, 32, 32, 24)
+    mask[0, 0, 10:20, 10:20, 10:20] = 1              # sample 1: no labels, empty mask (anywhere)
+    g = torch.Generator().manual_seed(0)
+    corners = label_windows(labels, mask, (16, 16, 16), 5, generator=g)
+    assert [len(c) for c in corners] == [5, 5]
+    for b, picks in enumerate(corners):
+        for i, c in enumerate(picks):
+            assert all(0 <= v <= a - 16 for v, a in zip(c, (32, 32, 24))), c
+            if b == 0 and i < 3:                     # ceil(5 / 2) windows hold the labelled voxel
+                assert all(v <= p < v + 16 for v, p in zip(c, (3, 20, 22))), c
+            elif b == 0:                             # the others are centred in the mask
+                assert all(lo <= v + 8 < hi for v, (lo, hi) in zip(c, ((10, 20),) * 3)), c
+    t = torch.arange(2 * 3 * 32 * 32 * 24, dtype=torch.float32).reshape(2, 3, 32, 32, 24)
+    crops = crop_windows(t, corners, (16, 16, 16))
+    assert crops.shape == (10, 3, 16, 16, 16)
+    x, y, z = corners[1][2]
+    torch.testing.assert_close(crops[7], t[1, :, x:x + 16, y:y + 16, z:z + 16])
+    with pytest.raises(QSMInputError, match="do not fit"):
+        label_windows(labels, mask, (16, 16, 32), 1)
+
+
+def test_windowed_segmentation_trains_the_unetr_on_random_windows_only():
+    """``seg_train_windows``: one UNETR pass on n windows per patch (not the ~27 sliding windows of a 32^3 patch
+    at 16^3), its loss the Dice + CE of those windows against the labels cropped alike, and its gradient reaches
+    the reconstruction net."""
+    batch = _batch(n=32, b=2)
+    torch.manual_seed(0)
+    m = PedQNet(**TINY_PED, prior="tkd", seg_train_windows=3, loss={"lambda_dc": 0.0, "lambda_seg": 1.0})
+    m.set_statistics(0.01, [0, 0, 1], [2, 2, 2])
+    calls = []
+    m.seg_net.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
+    torch.manual_seed(5)
+    loss = m.training_step(batch, 0)
+    assert calls == [(6, 1, 16, 16, 16)]
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in m.net.parameters() if p.grad is not None) > 0
+    # the same windows by hand
+    m.zero_grad()
+    prepared = m.prepare_batch(batch)
+    physics = physics_for_batch(prepared, pad_factor=m.options.pad_factor)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = m.infer_images(m.batch_images(prepared), (prepared.voxel_size, prepared.b0_dir), ("chi",),
+                             windows=False, physics=physics)
+        corners = label_windows(prepared.seg, prepared.mask, (16, 16, 16), 3)
+        logits = m.seg_net(crop_windows(out["chi"] * prepared.mask / m.scale, corners, (16, 16, 16)))
+        expected = DiceCELoss()(({"seg_logits": logits}),
+                                QSMBatch(**{**{k: getattr(prepared, k) for k in prepared.keys()},
+                                            "seg": crop_windows(prepared.seg, corners, (16, 16, 16))}))
+    torch.testing.assert_close(loss.detach(), expected)
+    with pytest.raises(QSMInputError, match="seg_train_windows"):
+        PedQNet(**TINY_PED, seg_train_windows=-1)

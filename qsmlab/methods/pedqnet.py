@@ -45,8 +45,10 @@ from qsmlab.methods.base import QSMMethod
 from qsmlab.methods.brainmask import BrainMaskNet  # noqa: F401 (checkpoints written before it moved name this path)
 from qsmlab.methods.inference import Context, sliding_windows
 from qsmlab.methods.options import as_dataclass
+from qsmlab.methods.patches import crop_windows, label_windows
 from qsmlab.methods.scores import dice_per_volume
 from qsmlab.models import PedQNetRecon, SubcorticalUNETR
+from qsmlab.models._blocks import check_positive_int
 
 SUBCORTICAL_CLASSES: dict[str, list[str]] = {
     "caudate": ["caudate"],
@@ -134,6 +136,11 @@ class PedQNet(QSMMethod):
         seg_feature_size, seg_hidden_size, seg_mlp_dim, seg_num_heads: the UNETR's width.
         seg_classes: class name -> anatomical label names or ids (default :data:`SUBCORTICAL_CLASSES`).
         detach_seg_input: stop the segmentation loss's gradient at chi (False: joint training).
+        seg_train_windows: in training on patches larger than ``seg_img_size``, the UNETR segments this many
+            random windows of the reconstructed chi per patch (half centred on a labelled voxel, nnU-Net's
+            foreground oversampling; :func:`qsmlab.methods.patches.label_windows`) and the segmentation loss
+            covers those windows; 0 (default): Gaussian-blended sliding windows over the whole patch, which on a
+            112 x 112 x 104 head of 32^3 windows are ~125 UNETR passes, ~3x the reconstruction's cost.
         segment_at_inference: ``predict`` / :meth:`infer_arrays` also return ``seg_logits`` (UNETR windows
             over the whole volume); off by default because chi is what a prediction is for and the windows
             cost more than the reconstruction. Validation and test always segment (``val/dice``).
@@ -148,7 +155,7 @@ class PedQNet(QSMMethod):
     def __init__(self, filters: Sequence[int] = (16, 32, 64, 128), kernel_size: int = 3, res_block: bool = False,
                  seg_img_size: int | Sequence[int] = 64, seg_feature_size: int = 8, seg_hidden_size: int = 96,
                  seg_mlp_dim: int = 192, seg_num_heads: int = 4, seg_classes: Mapping[str, list] | None = None,
-                 detach_seg_input: bool = False, segment_at_inference: bool = False,
+                 detach_seg_input: bool = False, segment_at_inference: bool = False, seg_train_windows: int = 0,
                  loss: PedQNetLoss | None = None, **kwargs):
         super().__init__(**kwargs)
         self.loss_config = as_dataclass(PedQNetLoss, loss)
@@ -164,6 +171,7 @@ class PedQNet(QSMMethod):
                                         mlp_dim=seg_mlp_dim, num_heads=seg_num_heads)
         self.detach_seg_input = bool(detach_seg_input)
         self.segment_at_inference = bool(segment_at_inference)
+        self.seg_train_windows = check_positive_int(seg_train_windows, "model.seg_train_windows", minimum=0)
         self.loss_fn = build_pedqnet_loss(self.loss_config)
         self.val_dice, self.test_dice = MeanMetric(), MeanMetric()
         if self.options.channels_last:  # the UNETR too (oneDNN convolutions on CPU)
@@ -225,12 +233,32 @@ class PedQNet(QSMMethod):
         chi = self.net(x)
         masked = chi * inside
         out = {"chi": chi if self.loss_config.support == "free" else masked}
-        if self.training or ctx.wants("seg_logits"):
+        if (self.training and not self.windowed_training) or (not self.training and ctx.wants("seg_logits")):
             full = masked + x[:, -1:] if self.prior_channels else masked
             out["seg_logits"] = self.segment(full)
         return out
 
     # -- training and evaluation --------------------------------------------------------------------
+    @property
+    def windowed_training(self) -> bool:
+        """The segmentation trains on ``seg_train_windows`` random windows (:meth:`training_loss`)."""
+        return self.seg_train_windows > 0 and self.loss_config.lambda_seg > 0
+
+    def training_loss(self, batch, outputs, physics):
+        """With ``seg_train_windows``: the UNETR on random windows of the reconstructed chi (masked, network
+        units, the prior included: what :meth:`run_network` segments), the labels cropped alike; the
+        segmentation loss back-propagates into the reconstruction through those windows."""
+        if not self.windowed_training:
+            return super().training_loss(batch, outputs, physics)
+        size = tuple(self.seg_net.fixed_input_size)
+        chi = outputs["chi"] * (batch.mask > 0.5).to(outputs["chi"].dtype) / self.scale
+        if self.detach_seg_input:
+            chi = chi.detach()
+        corners = label_windows(batch.seg, batch.mask, size, self.seg_train_windows)
+        logits = self.seg_net(self.memory_format(crop_windows(chi, corners, size)))
+        batch = dataclasses.replace(batch, seg=crop_windows(batch.seg, corners, size))
+        return super().training_loss(batch, {**outputs, "seg_logits": logits}, physics)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         shapes = [r.subject for r in self.training_rows() or [] if getattr(r, "group", "") == "shapes"]
@@ -243,7 +271,7 @@ class PedQNet(QSMMethod):
             raise QSMInputError(f"PedQNet trains its segmentation on the training scans' 'seg' labels (manifest "
                                 f"column 'seg'); batch {batch.key[:2]} has none (or set model.loss.lambda_seg 0)")
         size = tuple(self.seg_net.fixed_input_size)
-        if tuple(batch.field.shape[-3:]) != size:
+        if tuple(batch.field.shape[-3:]) != size and not self.windowed_training:
             self.warn_once("patch", f"PedQNet: training patches {tuple(batch.field.shape[-3:])} differ from the "
                                      f"UNETR size {size} (model.seg_img_size): the UNETR runs Gaussian-blended "
                                      "windows of its size over each patch (slower; data.patch_size equal to it "
