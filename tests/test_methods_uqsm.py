@@ -72,6 +72,28 @@ def test_free_support_lets_the_loss_see_chi_outside_the_mask():
         UQSM(depth=2, width=4, loss={"support": "outside"})
 
 
+def test_dc_weighted_false_drops_the_magnitude_weight():
+    """loss.dc_weighted: None keeps the kind's weighting, False gives the unweighted data term (equal to the
+    weighted one on a uniform magnitude, different on a varying one); a non-boolean value is one line."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 1, 8, 8, 8)
+    batch = {"field": 0.02 * torch.randn(1, 1, 8, 8, 8, generator=g), "mask": mask, "phase_scale": torch.tensor([3.2]),
+             "magnitude": torch.rand(1, 1, 8, 8, 8, generator=g) + 0.2,
+             "voxel_size": torch.tensor([[1.0, 1.0, 1.0]]), "b0_dir": torch.tensor([[0.0, 0.0, 1.0]])}
+    pred = {"chi": 0.05 * torch.randn(1, 1, 8, 8, 8, generator=g)}
+    from qsmlab.physics import physics_for_batch
+
+    physics = physics_for_batch(batch)
+    default, unweighted = UQSM(depth=2, width=4), UQSM(depth=2, width=4, loss={"dc_weighted": False})
+    assert default.loss_fn.terms["dc"].weighted and not unweighted.loss_fn.terms["dc"].weighted
+    flat = {**batch, "magnitude": torch.full_like(batch["magnitude"], 0.7)}
+    dc = {n: m.loss_fn.terms["dc"] for n, m in (("w", default), ("u", unweighted))}
+    torch.testing.assert_close(dc["w"](pred, flat, physics), dc["u"](pred, flat, physics))
+    assert abs(float(dc["w"](pred, batch, physics) - dc["u"](pred, batch, physics))) > 1e-4
+    with pytest.raises(QSMInputError, match="model.loss.dc_weighted"):
+        UQSM(depth=2, width=4, loss={"dc_weighted": "no"})
+
+
 def test_uqsm_learns_from_physics_alone(tiny_manifest):
     """Twenty steps on one batch drive the self-supervised loss down (gradients reach the network through
     scaling, padding, masking and the dipole operator), with no chi in the batch."""

@@ -34,6 +34,10 @@ class UQSMLoss:
     Attributes:
         dc: ``"nonlinear"`` (NDI, the paper), ``"weighted"`` (WLDI) or ``"linear"`` (LDI).
         dc_norm: ``"l2"`` (the paper) or ``"l1"``.
+        dc_weighted: the voxel weight ``W`` (magnitude / its maximum, or the batch's ``noise_weight``) in the
+            data term: None (default) = the kind's own (weighted for ``nonlinear`` and ``weighted``, not for
+            ``linear``); False drops it, e.g. for fields simulated with spatially uniform noise
+            (``patch_fields: simulate``), whose reliability the magnitude does not describe.
         lambda_dc: weight of the data-consistency term.
         lambda_tv: weight of the TV term (ppm/mm); 0 switches TV off (the NDI-only ablation).
         phase_scale: rad/ppm for the nonlinear kind, overriding the batches' ``phase_scale``.
@@ -48,6 +52,7 @@ class UQSMLoss:
 
     dc: str = "nonlinear"
     dc_norm: str = "l2"
+    dc_weighted: bool | None = None
     lambda_dc: float = 1.0
     lambda_tv: float = 2e-4
     phase_scale: float | None = None
@@ -61,11 +66,14 @@ def build_uqsm_loss(cfg: UQSMLoss) -> CompositeLoss:
         raise QSMInputError(f"model.loss.dc_norm: expected 'l1' or 'l2', got {cfg.dc_norm!r}")
     if cfg.support not in ("mask", "free"):
         raise QSMInputError(f"model.loss.support: expected 'mask' or 'free', got {cfg.support!r}")
+    if cfg.dc_weighted is not None and not isinstance(cfg.dc_weighted, bool):
+        raise QSMInputError(f"model.loss.dc_weighted: expected true, false or null, got {cfg.dc_weighted!r}")
     for k in ("lambda_dc", "lambda_tv"):
         if not getattr(cfg, k) >= 0:
             raise QSMInputError(f"model.loss.{k}: expected a number >= 0, got {getattr(cfg, k)!r}")
     return CompositeLoss({
-        "dc": (DataConsistencyLoss(kind=cfg.dc, norm=cfg.dc_norm, phase_scale=cfg.phase_scale), cfg.lambda_dc),
+        "dc": (DataConsistencyLoss(kind=cfg.dc, norm=cfg.dc_norm, phase_scale=cfg.phase_scale,
+                                   weighted=cfg.dc_weighted), cfg.lambda_dc),
         "tv": (TVLoss(support="grid" if cfg.support == "free" else "mask"), cfg.lambda_tv),
     })
 
