@@ -303,3 +303,18 @@ def test_windowed_segmentation_trains_the_unetr_on_random_windows_only():
     torch.testing.assert_close(loss.detach(), expected)
     with pytest.raises(QSMInputError, match="seg_train_windows"):
         PedQNet(**TINY_PED, seg_train_windows=-1)
+
+
+def test_quick_and_cpu_cosmos_profiles_train_windowed_and_unweighted():
+    """The shipped whole-head profiles (session 24): 4 UNETR windows a step, the unweighted L1 data term (their
+    training fields carry uniform noise), bf16; the model they build trains so."""
+    from qsmlab.lab.config import load_experiment
+
+    for profile, steps in (("quick", 300), ("cpu_cosmos", 900)):
+        cfg = load_experiment("pedqnet", profile)
+        args = cfg["model"]["init_args"]
+        assert args["seg_train_windows"] == 4 and args["loss"]["dc_weighted"] is False
+        assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["trainer"]["max_steps"] == steps
+        m = PedQNet(**{**args, **TINY_PED})
+        assert m.windowed_training and not m.loss_fn.terms["dc"].weighted
+        assert m.loss_fn.weights["tv"] == pytest.approx(0.3) and m.loss_fn.weights["seg"] == pytest.approx(0.01)
