@@ -303,6 +303,8 @@ def test_windowed_segmentation_trains_the_unetr_on_random_windows_only():
     torch.testing.assert_close(loss.detach(), expected)
     with pytest.raises(QSMInputError, match="seg_train_windows"):
         PedQNet(**TINY_PED, seg_train_windows=-1)
+    with pytest.raises(QSMInputError, match="model.seg_train_windows: training patches .* smaller"):
+        PedQNet(**TINY_PED, seg_train_windows=2).training_step(_batch(n=8), 0)
 
 
 def test_quick_and_cpu_cosmos_profiles_train_windowed_and_unweighted():

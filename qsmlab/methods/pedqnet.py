@@ -136,8 +136,8 @@ class PedQNet(QSMMethod):
         seg_feature_size, seg_hidden_size, seg_mlp_dim, seg_num_heads: the UNETR's width.
         seg_classes: class name -> anatomical label names or ids (default :data:`SUBCORTICAL_CLASSES`).
         detach_seg_input: stop the segmentation loss's gradient at chi (False: joint training).
-        seg_train_windows: in training on patches larger than ``seg_img_size``, the UNETR segments this many
-            random windows of the reconstructed chi per patch (half centred on a labelled voxel, nnU-Net's
+        seg_train_windows: in training, the UNETR segments this many random ``seg_img_size`` windows of the
+            reconstructed chi per patch (patches at least that size) (half centred on a labelled voxel, nnU-Net's
             foreground oversampling; :func:`qsmlab.methods.patches.label_windows`) and the segmentation loss
             covers those windows; 0 (default): Gaussian-blended sliding windows over the whole patch, which on a
             112 x 112 x 104 head of 32^3 windows are ~125 UNETR passes, ~3x the reconstruction's cost.
@@ -271,6 +271,10 @@ class PedQNet(QSMMethod):
             raise QSMInputError(f"PedQNet trains its segmentation on the training scans' 'seg' labels (manifest "
                                 f"column 'seg'); batch {batch.key[:2]} has none (or set model.loss.lambda_seg 0)")
         size = tuple(self.seg_net.fixed_input_size)
+        if self.windowed_training and any(a < w for a, w in zip(batch.field.shape[-3:], size)):
+            raise QSMInputError(f"model.seg_train_windows: training patches {tuple(batch.field.shape[-3:])} are "
+                                f"smaller than the UNETR's windows {size} (model.seg_img_size); use a data.patch_size "
+                                "at least that size, or seg_train_windows 0")
         if tuple(batch.field.shape[-3:]) != size and not self.windowed_training:
             self.warn_once("patch", f"PedQNet: training patches {tuple(batch.field.shape[-3:])} differ from the "
                                      f"UNETR size {size} (model.seg_img_size): the UNETR runs Gaussian-blended "
