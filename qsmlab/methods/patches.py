@@ -54,14 +54,14 @@ def label_windows(labels: torch.Tensor, mask: torch.Tensor, size, n: int,
     shape = tuple(int(s) for s in labels.shape[-3:])
     if any(a < w for a, w in zip(shape, size)):
         raise QSMInputError(f"windows of {size} voxels do not fit patches of {shape}")
+    n_fg = -(-int(n) // 2)
     corners = []
     for b in range(labels.shape[0]):
-        fg, inside = labels[b, 0] > 0, mask[b, 0] > 0.5
+        fg, inside = torch.nonzero(labels[b, 0] > 0), torch.nonzero(mask[b, 0] > 0.5)  # once per sample
         picks = []
         for i in range(int(n)):
-            where = fg if (i < -(-int(n) // 2) and bool(fg.any())) else inside
-            idx = torch.nonzero(where) if bool(where.any()) else None
-            if idx is None:
+            idx = fg if (i < n_fg and len(fg)) else inside
+            if len(idx) == 0:
                 centre = [int(torch.randint(a, (1,), generator=generator)) for a in shape]
             else:
                 centre = idx[int(torch.randint(len(idx), (1,), generator=generator))].tolist()

@@ -137,9 +137,9 @@ class PedQNet(QSMMethod):
         seg_classes: class name -> anatomical label names or ids (default :data:`SUBCORTICAL_CLASSES`).
         detach_seg_input: stop the segmentation loss's gradient at chi (False: joint training).
         seg_train_windows: in training, the UNETR segments this many random ``seg_img_size`` windows of the
-            reconstructed chi per patch (patches at least that size) (half centred on a labelled voxel, nnU-Net's
-            foreground oversampling; :func:`qsmlab.methods.patches.label_windows`) and the segmentation loss
-            covers those windows; 0 (default): Gaussian-blended sliding windows over the whole patch, which on a
+            reconstructed chi per patch (which must be at least that size), half centred on a labelled voxel
+            (nnU-Net's foreground oversampling; :func:`qsmlab.methods.patches.label_windows`), and the
+            segmentation loss covers those windows; 0 (default): Gaussian-blended sliding windows over the whole patch, which on a
             112 x 112 x 104 head of 32^3 windows are ~125 UNETR passes, ~3x the reconstruction's cost.
         segment_at_inference: ``predict`` / :meth:`infer_arrays` also return ``seg_logits`` (UNETR windows
             over the whole volume); off by default because chi is what a prediction is for and the windows
