@@ -14,9 +14,11 @@ in ppm for a QSM method, the mask and class probabilities for a segmentation met
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from qsmlab.lab.config import flatten
 from qsmlab.lab.config_errors import config_error
 from qsmlab.lab.figures import slice_figure
 from qsmlab.lab.lightning_cli import QSMLabCLI
+from qsmlab.lab.precision import PrecisionFallbackWarning, resolve_precision
 from qsmlab.lab.tracking import DEFAULT_LOGGERS, finish_wandb, make_loggers, wandb_run
 from qsmlab.metrics import nrmse
 
@@ -270,6 +273,10 @@ def execute(opts: RunOptions) -> RunResult:
     sub = opts.subcommand
     if sub not in SUBCOMMANDS:
         raise ValueError(f"subcommand {sub!r} is not one of {SUBCOMMANDS}")
+    config, fallback = resolve_precision(opts.config, opts.given)
+    if fallback is not None:  # a profile's bf16 on a machine that would emulate it (qsmlab.lab.precision)
+        warnings.warn(fallback, PrecisionFallbackWarning, stacklevel=2)
+        opts = dataclasses.replace(opts, config=config, record={**dict(opts.record), "precision_fallback": fallback})
     wkw = {"name": run_dir.name, "job_type": sub, **dict(opts.wandb_init)}
     lgs = make_loggers(run_dir, opts.loggers, wandb_kwargs=wkw)  # nothing written before the first log
     cbs = list(opts.callbacks)
