@@ -324,3 +324,28 @@ def test_inference_pad_factor_applies_outside_training_only():
     assert NeXtQSM(**TINY_NET, varnet_pad_factor=2.0).eval().varnet_pad == 2.0
     with pytest.raises(QSMInputError, match="model.varnet_inference_pad_factor"):
         NeXtQSM(**TINY_NET, varnet_inference_pad_factor=0.5)
+
+
+def test_quick_profile_trains_l2_with_the_teacher_term_x4_and_predicts_mirrored():
+    """The shipped quick profile (session 25): L2 chi terms, the teacher-forced term weighted 4, mirrored one-scan
+    predictions; the cpu profiles that share its network keep the L1 loss and one pass."""
+    from qsmlab.lab.config import load_experiment
+
+    args = load_experiment("nextqsm", "quick")["model"]["init_args"]
+    m = NeXtQSM(**args)
+    assert m.loss_fn.weights["chi_local"] == pytest.approx(4.0) and m.loss_fn.weights["chi"] == pytest.approx(1.0)
+    assert m.loss_fn.terms["chi"].norm == "l2" and m.loss_fn.terms["chi_local"].norm == "l2"
+    assert m.loss_fn.terms["field"].norm == "l1" and m.options.tta == "flips"
+    # the L2 term is the masked mean of the squared error (a chi error of 0.1 ppm in half the mask: 0.005)
+    mask = torch.zeros(1, 1, 4, 4, 4)
+    mask[..., :2] = 1
+    chi = torch.zeros(1, 1, 4, 4, 4)
+    err = torch.zeros_like(chi)
+    err[..., 0] = 0.1
+    batch = QSMBatch(field=chi, mask=mask, b0_dir=torch.tensor([[0.0, 0.0, 1.0]]), voxel_size=torch.ones(1, 3),
+                     phase_scale=torch.ones(1), affine=torch.eye(4)[None], chi=chi)
+    assert float(m.loss_fn.terms["chi"]({"chi": err}, batch)) == pytest.approx(0.005, rel=1e-5)
+    for profile in ("cpu", "cpu_cosmos"):
+        other = load_experiment("nextqsm", profile)["model"]["init_args"]
+        assert other.get("loss", {}).get("chi_norm", "l1") == "l1" and other.get("tta", "none") == "none"
+        assert other["bg_width"] == args["bg_width"] and other["lr"] == pytest.approx(2e-3)
