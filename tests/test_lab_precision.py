@@ -57,6 +57,9 @@ def test_gpu_without_native_bf16_falls_back(monkeypatch, no_native_bf16):
         return False
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU at all: left to Lightning's error
+    assert P.resolve_precision(_cfg(accelerator="gpu"))[1] is None and not seen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out, msg = P.resolve_precision(_cfg(accelerator="gpu"))
     assert out["trainer"]["precision"] == "32-true" and "GPU" in msg and seen["emulation"] is False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)

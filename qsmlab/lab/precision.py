@@ -61,6 +61,8 @@ def native_bf16(accelerator: Any) -> tuple[bool, str]:
     if kind == "cpu":
         return _cpu_native_bf16(), "this CPU (no AVX512-BF16 or AMX)"
     if kind == "cuda":
+        if not torch.cuda.is_available():  # Lightning says so, in one line, when it builds the trainer
+            return True, "no GPU"
         return bool(torch.cuda.is_bf16_supported(including_emulation=False)), "this GPU (before Ampere)"
     return True, str(accelerator)
 
