@@ -2,7 +2,7 @@
 
 The quick profiles train in ``bf16-mixed`` (measured: a NeXtQSM / uqsm_tv step ~0.6-0.7 of a float32 one on a
 CPU with AVX512-BF16, `benchmarks/results/cpu_profiles/README.md`). On a CPU without native bf16 (no AVX512-BF16,
-no AMX: most laptops, AMD before Zen 4) oneDNN emulates the bf16 convolutions, and on a GPU before Ampere CUDA
+no AMX: many desktop and laptop CPUs, AMD before Zen 4) oneDNN emulates the bf16 convolutions, and on a GPU before Ampere CUDA
 does, so the same profile would run slower than float32 for nothing. :func:`resolve_precision` keeps a profile's
 bf16 where it is native and falls back to ``32-true`` otherwise, with one line saying so; a precision the user
 set on the command line (``--trainer.precision``) is always kept.
@@ -24,7 +24,7 @@ class PrecisionFallbackWarning(UserWarning):
     """A profile's bf16 precision replaced by float32 (the message says why)."""
 
 
-BF16 = ("bf16-mixed", "bf16-true", "bf16", "bf16-mixed-precision")
+BF16 = ("bf16-mixed", "bf16-true", "bf16")  # Lightning's bf16 values
 FALLBACK = "32-true"
 
 
@@ -76,8 +76,8 @@ def resolve_precision(config: Mapping[str, Any], given: Mapping[str, Any] | None
         given: the dotted keys the user set; a ``trainer.precision`` there is never changed.
 
     Returns:
-        (config, message): a copy with the precision replaced and the one-line reason, or ``config`` itself
-        and None when nothing changes.
+        (config, message): a deep copy with the precision replaced and the one-line reason, or a shallow copy
+        of ``config`` and None when nothing changes.
     """
     trainer = config.get("trainer") or {}
     precision = trainer.get("precision")
