@@ -64,6 +64,7 @@ from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss
 from qsmlab.methods.background_inputs import harmonic_residual, smv_kernel, vsharp_estimate  # noqa: F401 (API)
 from qsmlab.methods.base import QSMMethod
 from qsmlab.methods.inference import Context, infer_volume
+from qsmlab.methods.input_cache import TensorCache
 from qsmlab.methods.options import as_dataclass
 from qsmlab.methods.statistics import field_scale_of_rows, robust_std
 from qsmlab.metrics import VolumeMetrics
@@ -148,6 +149,10 @@ class NeXtQSM(QSMMethod):
             with CG, 29 % with TSVD) and chi from it 77-85 %.
         loss: :class:`NeXtQSMLoss`.
         total_field_scale: ppm; None computes it from the training total fields at the start of fitting.
+        input_cache_mb: in training, the SHARP residual and V-SHARP channels of a total field already seen
+            (the same bytes: same head, flip, mask and voxel size) are looked up, not recomputed
+            (:mod:`qsmlab.methods.input_cache`; exact, LRU, at most this many MiB; 0 switches it off). Whole-head
+            profiles see a few heads x 8 flips again and again: V-SHARP was 16 % of a quick step.
         **kwargs: common :class:`qsmlab.methods.base.QSMMethod` arguments.
     """
 
@@ -162,8 +167,10 @@ class NeXtQSM(QSMMethod):
                  varnet_init: str = "tkd", varnet_init_threshold: float = 0.19,
                  harmonic_input: bool = True, smv_radius_mm: float = 4.0, background_init: str = "none",
                  loss: NeXtQSMLoss | None = None,
-                 total_field_scale: float | None = None, **kwargs):
+                 total_field_scale: float | None = None, input_cache_mb: float = 512.0, **kwargs):
         super().__init__(**kwargs)
+        if not (isinstance(input_cache_mb, int | float) and math.isfinite(input_cache_mb) and input_cache_mb >= 0):
+            raise QSMInputError(f"model.input_cache_mb: expected a number of MiB >= 0, got {input_cache_mb!r}")
         if not (math.isfinite(varnet_pad_factor) and varnet_pad_factor >= 1):
             raise QSMInputError(f"model.varnet_pad_factor: expected a number >= 1, got {varnet_pad_factor!r}")
         if varnet_inference_pad_factor is not None and not (math.isfinite(varnet_inference_pad_factor)
@@ -181,6 +188,7 @@ class NeXtQSM(QSMMethod):
                                 f"{background_init!r}")
         self.harmonic_input, self.smv_radius_mm = bool(harmonic_input), float(smv_radius_mm)
         self.background_init = background_init
+        self.input_cache = TensorCache(input_cache_mb)
         self.varnet_pad_factor = float(varnet_pad_factor)
         self.varnet_inference_pad_factor = None if varnet_inference_pad_factor is None else \
             float(varnet_inference_pad_factor)
@@ -288,14 +296,33 @@ class NeXtQSM(QSMMethod):
                                 "to run its variational network alone")
         t = t.float() * m
         chans = [t / self.total_scale]
-        if self.harmonic_input:
-            chans.append(harmonic_residual(t, m, ctx.voxel_size, self.smv_radius_mm) / self.scale)
-        if self.background_init == "vsharp":
-            chans.append(vsharp_estimate(t, m, ctx.voxel_size) / self.scale)
+        derived = self.background_channels(t, m, ctx)
+        if derived is not None:
+            chans.append(derived / self.scale)
         chans.append(m)
         if "true_local" in self.channel_names(ctx):
             chans.append(images["field"].float() / self.scale * m)
         return torch.cat(chans, dim=1)
+
+    def background_channels(self, t: torch.Tensor, m: torch.Tensor, ctx: Context) -> torch.Tensor | None:
+        """The parameter-free channels of the masked total field ``t`` (ppm): [SHARP residual,] [V-SHARP]
+        (None if neither); in training through :attr:`input_cache` (the same tensor a recomputation gives)."""
+        if not (self.harmonic_input or self.background_init == "vsharp"):
+            return None
+
+        def compute() -> torch.Tensor:
+            out = []
+            if self.harmonic_input:
+                out.append(harmonic_residual(t, m, ctx.voxel_size, self.smv_radius_mm))
+            if self.background_init == "vsharp":
+                out.append(vsharp_estimate(t, m, ctx.voxel_size))
+            return torch.cat(out, dim=1)
+
+        if not self.training:
+            return compute()
+        vs = torch.as_tensor(ctx.voxel_size, dtype=torch.float64)
+        extra = ("nextqsm-background", self.harmonic_input, self.smv_radius_mm, self.background_init)
+        return self.input_cache.get_or_compute((t, m, vs), extra, compute)
 
     def run_network(self, x: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
         """``local_field`` and (unless background-only) ``chi`` in units of ``field_scale``, plus ``chi_local``
