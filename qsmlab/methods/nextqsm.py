@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from qsmlab.errors import QSMInputError
 from qsmlab.losses import ChiLoss, CompositeLoss, DataConsistencyLoss, FieldLoss
@@ -226,6 +227,12 @@ class NeXtQSM(QSMMethod):
             self.total_field_scale.fill_(field_scale_of_rows(rows, "total_field"))
         except ValueError as e:
             raise QSMInputError(f"NeXtQSM: {e}") from None
+
+    def on_train_end(self) -> None:
+        c = self.input_cache
+        if c.hits + c.misses:
+            rank_zero_info(f"NeXtQSM: background channels looked up {c.hits} times, computed {c.misses} "
+                           f"({c.bytes / 2**20:.0f} MiB cached; model.input_cache_mb)")
 
     def statistics_from_batch(self, batch) -> None:
         super().statistics_from_batch(batch)
