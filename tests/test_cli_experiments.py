@@ -179,6 +179,11 @@ def test_every_profile_builds_its_model_and_names_known_data_keys(path: Path, pr
     manifest = str(cfg["data"]["manifest"])
     if manifest != "default":
         assert (EXPERIMENTS_DIR.parent / manifest.removeprefix("recipe:")).is_file(), manifest
+    # the last step is validated (a step count that is not a multiple of the interval trains steps that no
+    # validation scores, and the best checkpoint cannot be among them)
+    steps, every = get_dotted(cfg, "trainer.max_steps"), get_dotted(cfg, "trainer.val_check_interval")
+    if isinstance(every, int) and steps > 0:
+        assert steps % every == 0, f"{path.stem} --profile {profile}: max_steps {steps}, val_check_interval {every}"
 
 
 def test_a_misspelt_profile_key_fails_the_profile_check(tmp_path):
