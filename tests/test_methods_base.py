@@ -454,3 +454,31 @@ def test_warmup_ramps_the_learning_rate_then_hands_over_to_the_scheduler(kind):
     for bad in (-1, 2.5, True):
         with pytest.raises(QSMInputError, match="model.warmup_steps"):
             UQSM(width=4, depth=2, warmup_steps=bad)
+
+
+def test_adam_eps_reaches_the_optimiser_and_decides_whether_tiny_gradients_are_normalised():
+    """``model.adam_eps``: AdamW's epsilon. With gradients far below it (uQSM's ppm^2 losses: ~1e-9) the first
+    step moves a weight by ``lr * g / eps`` (momentum SGD), with an eps far below them by ~``lr`` (Adam)."""
+    from qsmlab.errors import QSMInputError
+
+    steps = {}
+    for eps in (1e-8, 1e-14):
+        torch.manual_seed(0)
+        m = UQSM(width=4, depth=2, lr=1e-3, scheduler="none", weight_decay=0.0, adam_eps=eps)
+        opt = m.configure_optimizers()
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        assert opt.param_groups[0]["eps"] == eps
+        p = next(m.parameters())
+        before = p.detach().clone()
+        p.grad = torch.full_like(p, 1e-10)
+        for q in m.parameters():
+            if q is not p:
+                q.grad = torch.zeros_like(q)
+        opt.step()
+        steps[eps] = float((before - p.detach()).abs().max())
+    # bias-corrected first step: lr * g / (|g| + eps)
+    assert steps[1e-8] == pytest.approx(1e-3 * 1e-10 / (1e-10 + 1e-8), rel=1e-3)
+    assert steps[1e-14] == pytest.approx(1e-3, rel=1e-3)
+    for bad in (0, -1e-8, 1.0, float("nan"), True):
+        with pytest.raises(QSMInputError, match="model.adam_eps"):
+            UQSM(width=4, depth=2, adam_eps=bad)

@@ -178,7 +178,8 @@ class MethodModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.options
-        opt = torch.optim.AdamW(self.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
+        opt = torch.optim.AdamW(self.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay),
+                                eps=float(o.adam_eps))
         warm = int(o.warmup_steps)
         if o.scheduler == "none":
             sched = None
